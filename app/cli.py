@@ -1,0 +1,176 @@
+"""The ``fedws`` command line.
+
+Errors a person can act on (bad config, missing data) are printed as one line on stderr with
+exit code 2 (config) or 1 (anything else fedws can name); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.errors import FedwsError
+
+DEFAULT_OUT = Path("runs")
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (YAML syntax), e.g. --set data.partition.alpha=0.1; "
+        "repeatable",
+    )
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from app.config import load_config
+    from app.data import load_dataset
+    from app.partition import (
+        FeatureShift,
+        label_counts,
+        label_entropy,
+        partition_indices,
+        shard_seed,
+        split_train_val,
+    )
+    from app.plots import label_heatmap
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / f"partitions-{Path(args.config).stem}"
+    data = cfg.data
+    ds = load_dataset(data)
+    labels = ds.y_train.numpy()
+    parts = partition_indices(labels, data.partition)
+    counts = label_counts(labels, parts, ds.num_classes)
+    entropy = label_entropy(counts)
+    p = data.partition
+
+    tag = " [SYNTHETIC DATA]" if ds.synthetic else ""
+    print(f"dataset: {ds.name}{tag} from {ds.source}")
+    print(
+        f"partition: {p.kind}, {p.num_clients} clients, partition seed {p.seed}, "
+        f"{len(labels)} training samples, val fraction {data.val_fraction}"
+    )
+    header = ["client", "samples", "train", "val", "classes", "entropy_bits"]
+    if p.kind == "feature":
+        header += ["noise", "contrast", "rotation"]
+    rows = []
+    for client, idx in enumerate(parts):
+        train_idx, val_idx = split_train_val(idx, data.val_fraction, shard_seed(p, client))
+        row = [
+            str(client),
+            str(len(idx)),
+            str(len(train_idx)),
+            str(len(val_idx)),
+            str(int((counts[client] > 0).sum())),
+            f"{entropy[client]:.3f}",
+        ]
+        if p.kind == "feature":
+            s = FeatureShift.for_client(client, p.num_clients, p.feature)
+            row += [f"{s.noise_std:.3f}", f"{s.contrast:.3f}", f"{s.rotation:.1f}"]
+        rows.append(row)
+    print(_format_table(header, rows))
+    print(
+        f"mean label entropy {entropy.mean():.3f} bits (uniform: {np.log2(ds.num_classes):.3f}); "
+        f"assigned {int(counts.sum())} of {len(labels)} samples"
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "partitions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["client", "label", "count"])
+        for client in range(counts.shape[0]):
+            for label in range(counts.shape[1]):
+                writer.writerow([client, label, int(counts[client, label])])
+    title = f"{ds.name}{tag}: {p.kind}" + (f" alpha={p.alpha}" if p.kind == "dirichlet" else "")
+    png = label_heatmap(counts, ds.classes, out / "label_distribution.png", title)
+    print(f"wrote {out / 'partitions.csv'} and {png}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from app.models import MODELS, build_model, count_parameters, has_batchnorm
+    from app.norms import NORMS
+
+    rows = []
+    for arch in MODELS:
+        for norm in NORMS:
+            model = build_model(arch, norm, args.in_channels, args.num_classes)
+            rows.append(
+                [
+                    arch,
+                    norm,
+                    f"{count_parameters(model):,}",
+                    "yes" if has_batchnorm(model) else "no",
+                ]
+            )
+    print(
+        f"parameters for {args.in_channels} input channel(s), {args.num_classes} classes "
+        "(default widths)"
+    )
+    print(_format_table(["arch", "norm", "params", "batchnorm"], rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedws",
+        description="Federated learning under non-IID data: BN vs WS+GN vs normalization-free.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "partitions",
+        help="show how a config splits the data over clients (table, CSV, heatmap)",
+        description="Partition the training split as CONFIG says; print a per-client table, "
+        "write OUT/partitions.csv (client,label,count) and OUT/label_distribution.png.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument(
+        "-o", "--out", help=f"output folder (default: {DEFAULT_OUT}/partitions-<config name>)"
+    )
+    _add_set(p)
+    p.set_defaults(func=cmd_partitions)
+
+    m = sub.add_parser(
+        "models",
+        help="table of every arch x norm with parameter count and BN presence",
+        description="Build every arch x norm of the registries and list their parameter counts.",
+    )
+    m.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
+    m.add_argument("--num-classes", type=int, default=10, help="classes (default 10)")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedwsError as err:
+        kind = "config error" if err.exit_code == 2 else "error"
+        print(f"fedws: {kind}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("fedws: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

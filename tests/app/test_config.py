@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.cli import main
+from app.config import ConfigError, apply_overrides, build, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_is_fashion_mnist_ws_gn_dirichlet():
+    cfg = load_config(QUICKSTART)
+    assert cfg.data.dataset == "fashion_mnist"
+    assert cfg.data.partition.kind == "dirichlet"
+    assert cfg.data.partition.alpha == 0.3
+    assert cfg.data.partition.num_clients == 10
+    assert (cfg.model.arch, cfg.model.norm) == ("cnn", "ws_gn")
+    assert cfg.federation.strategy == "fedavg"
+
+
+def test_configs_are_frozen():
+    cfg = build({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.partition.alpha = 1.0
+
+
+def test_overrides_parse_yaml_values_and_replace_whole_mappings():
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "data.partition.alpha=0.1",
+            "seed=7",
+            "model.width=null",
+            "federation.fraction_train=1",
+            "data.partition={kind: pathological, classes_per_client: 3}",
+        ],
+    )
+    assert cfg.seed == 7
+    assert cfg.model.width is None
+    assert cfg.federation.fraction_train == 1.0 and isinstance(cfg.federation.fraction_train, float)
+    # the mapping replaced the quickstart's partition entirely: defaults elsewhere
+    assert cfg.data.partition.kind == "pathological"
+    assert cfg.data.partition.classes_per_client == 3
+    assert cfg.data.partition.num_clients == 10 and cfg.data.partition.alpha == 0.5
+
+
+def test_overrides_do_not_mutate_their_input():
+    raw = {"data": {"partition": {"alpha": 1.0}}}
+    apply_overrides(raw, ["data.partition.alpha=2.0"])
+    assert raw["data"]["partition"]["alpha"] == 1.0
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = load_config(QUICKSTART, ["data.partition.kind=feature"])
+    assert build(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+MALFORMED = [
+    ("data.partition.alpha=0", "data.partition.alpha", "must be > 0"),
+    ("data.partition.alpha=-1", "data.partition.alpha", "must be > 0"),
+    ("data.partition.num_clients=0", "data.partition.num_clients", "must be >= 1"),
+    ("data.partition.num_clients=2.5", "data.partition.num_clients", "expected integer"),
+    ("federation.fraction_train=0", "federation.fraction_train", "(0, 1]"),
+    ("federation.fraction_train=1.5", "federation.fraction_train", "(0, 1]"),
+    ("federation.fraction_evaluate=-0.1", "federation.fraction_evaluate", "(0, 1]"),
+    ("model.norm=batchnorm", "model.norm", "allowed: bn, gn, ln, ws_gn, ws_bn, nf, nf_se"),
+    ("model.arch=vgg", "model.arch", "allowed: cnn, resnet20"),
+    ("data.dataset=mnist", "data.dataset", "allowed: fashion_mnist"),
+    ("data.partition.kind=label", "data.partition.kind", "allowed: iid, dirichlet"),
+    ("federation.strategy=scaffold", "federation.strategy", "allowed: fedavg"),
+    ("data.partiton.kind=iid", "data.partiton", "unknown key; allowed here: dataset, root"),
+    ("model.depth=20", "model.depth", "unknown key"),
+    ("seed=zero", "seed", "expected integer"),
+    ("seed=true", "seed", "expected integer"),
+    ("optim.nesterov=1", "optim.nesterov", "expected boolean"),
+    ("optim.lr=fast", "optim.lr", "expected number"),
+    ("data.partition=iid", "data.partition", "expected mapping"),
+    ("train.precision=8-true", "train.precision", "allowed: 32-true"),
+    ("federation.min_clients=11", "federation.min_clients", "must be <= data.partition"),
+]
+
+
+@pytest.mark.parametrize(("override", "field", "message"), MALFORMED)
+def test_malformed_value_is_one_line_and_exit_code_2(override, field, message, capsys, tmp_path):
+    code = main(["partitions", str(QUICKSTART), "-o", str(tmp_path), "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"fedws: config error: {field}: ")
+    assert message in err
+    assert not (tmp_path / "partitions.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ("seed: [1, 2\n", "bad.yaml:", "invalid YAML"),
+        ("- a\n- b\n", "bad.yaml", "must be a mapping"),
+        ("data:\n  partition:\n    alpha: -0.5\n", "data.partition.alpha", "must be > 0"),
+    ],
+)
+def test_malformed_file_is_one_line_and_exit_code_2(text, field, message, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["partitions", str(path), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and field in err and message in err
+
+
+def test_missing_config_file_and_bad_set_syntax(tmp_path, capsys):
+    assert main(["partitions", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["partitions", str(QUICKSTART), "--set", "seed"]) == 2
+    assert "expected key.path=value" in capsys.readouterr().err
+
+
+def test_config_error_names_field():
+    with pytest.raises(ConfigError) as info:
+        build({"optim": {"name": "sgd", "momentum": 1.0}})
+    assert info.value.field == "optim.momentum"
+
+
+def test_console_script_exits_with_code_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "partitions", str(QUICKSTART), "--set", "seed=x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fedws: config error: seed: expected integer, got 'x'"
+    ]
+    assert "Traceback" not in proc.stderr
