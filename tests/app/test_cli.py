@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,13 @@ def test_models_table_has_every_arch_and_norm(capsys):
 def test_console_script_runs_the_quickstart_partitions(tmp_path):
     """The README's main job, through the installed console script, on the real data."""
     proc = subprocess.run(
-        ["fedws", "partitions", "configs/quickstart.yaml", "-o", str(tmp_path)],
+        [
+            str(Path(sys.executable).parent / "fedws"),
+            "partitions",
+            "configs/quickstart.yaml",
+            "-o",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

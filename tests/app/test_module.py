@@ -53,7 +53,7 @@ def test_lightning_fit_learns_the_synthetic_task(shard_and_data):
 def test_checkpoint_reloads_the_same_model(shard_and_data, tmp_path):
     cfg, ds, shard = shard_and_data
     module = FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes)
-    trainer = quiet_trainer(max_steps=3)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 32))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = FedwsClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
@@ -108,7 +108,7 @@ def test_proximal_term_keeps_local_weights_near_the_global_ones(shard_and_data):
         module = FedwsClassifier("cnn", "gn", 1, 10, model_options={"width": 8}, proximal_mu=mu)
         start = [p.detach().clone() for p in module.parameters()]
         module.set_global_weights()
-        quiet_trainer(max_steps=15).fit(
+        quiet_trainer(max_steps=15, limit_val_batches=0).fit(
             module, tensor_loader(shard.x_train, shard.y_train, 32, shuffle=True)
         )
         return sum(
