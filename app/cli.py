@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,12 +129,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from app.config import load_config
+    from app.run import describe, run, summary_text
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
+    print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
+    summary = run(cfg, out, verbose=args.verbose, progress=not args.no_progress)
+    print(summary_text(cfg, out, summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedws",
         description="Federated learning under non-IID data: BN vs WS+GN vs normalization-free.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser(
+        "run",
+        help="run one federation (Flower simulation, Lightning clients) into a run directory",
+        description="Run CONFIG with Flower's simulation runtime. OUT gets config.yaml, "
+        "metrics.csv, clients.csv, summary.json and checkpoints/.",
+    )
+    r.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    r.add_argument("-o", "--out", help=f"run directory (default: {DEFAULT_OUT}/<config name>)")
+    _add_set(r)
+    r.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "partitions",
@@ -160,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # fedws works offline: no usage telemetry from Flower (read when flwr is first imported)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

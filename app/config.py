@@ -197,8 +197,16 @@ class FederationConfig:
     rounds: int = 10
     fraction_train: float = 1.0  # share of clients sampled for training each round
     fraction_evaluate: float = 1.0  # share of clients sampled for local evaluation
-    min_clients: int = 1
-    proximal_mu: float = 0.01  # FedProx only
+    min_clients: int = 1  # fewest successful replies a round needs
+    proximal_mu: float = 0.01  # fedprox
+    server_learning_rate: float = 1.0  # fedavgm
+    server_momentum: float = 0.9  # fedavgm (Hsu et al. 2019 use 0.9)
+    # fedadam / fedyogi / fedadagrad (Reddi et al. 2021); null keeps Flower's default
+    eta: float | None = None
+    eta_l: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, STRATEGIES, "strategy")
@@ -207,6 +215,59 @@ class FederationConfig:
         _fraction(self.fraction_evaluate, "fraction_evaluate")
         _check(self.min_clients >= 1, "min_clients", f"must be >= 1, got {self.min_clients}")
         _check(self.proximal_mu >= 0, "proximal_mu", f"must be >= 0, got {self.proximal_mu}")
+        _check(
+            self.server_learning_rate > 0,
+            "server_learning_rate",
+            f"must be > 0, got {self.server_learning_rate}",
+        )
+        _check(
+            0 <= self.server_momentum < 1,
+            "server_momentum",
+            f"must be in [0, 1), got {self.server_momentum}",
+        )
+        for name in ("eta", "eta_l", "tau"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"must be > 0 or null, got {value}")
+        for name in ("beta_1", "beta_2"):
+            value = getattr(self, name)
+            _check(value is None or 0 <= value < 1, name, f"must be in [0, 1), got {value}")
+
+    def strategy_options(self) -> dict[str, float]:
+        """Hyper-parameters of the chosen Flower strategy class, as its keyword arguments."""
+        if self.strategy == "fedprox":
+            return {"proximal_mu": self.proximal_mu}
+        if self.strategy == "fedavgm":
+            return {
+                "server_learning_rate": self.server_learning_rate,
+                "server_momentum": self.server_momentum,
+            }
+        if self.strategy in ("fedadam", "fedyogi", "fedadagrad"):
+            names = ["eta", "eta_l", "tau"]
+            if self.strategy != "fedadagrad":
+                names += ["beta_1", "beta_2"]
+            return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    eval_every: int = 1  # evaluate the global model on the test split every N rounds (and last)
+    tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
+
+    def __post_init__(self) -> None:
+        _check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Resources of each simulated client (Flower's Ray backend ``client_resources``)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")
+        _check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +278,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
         n = self.data.partition.num_clients

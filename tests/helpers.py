@@ -18,3 +18,47 @@ SMALL = {
 def small_config(*overrides: str) -> Config:
     """The SMALL synthetic config with ``a.b=c`` overrides applied."""
     return build(apply_overrides(SMALL, list(overrides)))
+
+
+class InProcessGrid:
+    """A Flower Grid that delivers each message to a ClientApp in this process: a federation
+    without Ray, for fast tests of the ServerApp. Node i holds partition i."""
+
+    def __init__(self, client_app, num_nodes: int, fail: set[int] = frozenset()) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.client_app = client_app
+        self.fail = set(fail)
+        self.contexts = {
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node - 100 in self.fail:
+                replies.append(Message(Error(code=0, reason="injected failure"), reply_to=msg))
+            else:
+                replies.append(self.client_app(msg, self.contexts[node]))
+        return replies
+
+
+def set_task_identity(monkeypatch) -> None:
+    """Messages need the identity a Flower runtime sets for its process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_help_lists_every_command():
     text = build_parser().format_help()
-    for command in ("partitions", "models"):
+    for command in ("run", "partitions", "models"):
         assert command in text
 
 
@@ -78,3 +78,12 @@ def test_console_script_runs_the_quickstart_partitions(tmp_path):
     assert "dirichlet, 10 clients" in proc.stdout
     assert "assigned 60000 of 60000 samples" in proc.stdout
     assert (tmp_path / "partitions.csv").exists()
+
+
+def test_run_with_missing_data_fails_before_starting_ray(tmp_path, capsys, no_fedws_data):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  dataset: cifar10\n  root: {tmp_path / 'nothing'}\n")
+    assert main(["run", str(config), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset 'cifar10' not found" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,52 @@
+"""Server-side evaluation of the global model with Lightning, and its checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning
+import torch
+from flwr.app import ArrayRecord
+
+from app.config import Config
+from app.data import ImageDataset
+from app.module import FedwsClassifier, make_trainer, tensor_loader
+from app.state import StatePolicy, load_partial
+
+
+class GlobalEvaluator:
+    """Holds the global model; loads each round's arrays, tests it on the official test split."""
+
+    def __init__(
+        self, cfg: Config, ds: ImageDataset, module: FedwsClassifier, policy: StatePolicy
+    ) -> None:
+        self.cfg, self.module, self.policy = cfg, module, policy
+        self.loader = tensor_loader(ds.normalize(ds.x_test), ds.y_test, cfg.train.eval_batch_size)
+
+    def load(self, arrays: ArrayRecord) -> None:
+        load_partial(self.module.model, arrays.to_torch_state_dict(), self.policy.travel)
+
+    def test(self) -> dict[str, float]:
+        """Accuracy and loss of the current global model on the test split (Lightning test)."""
+        (metrics,) = make_trainer(self.cfg).test(self.module, self.loader, verbose=False)
+        return {
+            "test_accuracy": float(metrics["test_acc"]),
+            "test_loss": float(metrics["test_loss"]),
+        }
+
+    def save_checkpoint(self, path: Path, server_round: int) -> None:
+        """A Lightning checkpoint of the global model, written atomically (tmp file + rename);
+        ``FedwsClassifier.load_from_checkpoint(path)`` opens it."""
+        checkpoint = {
+            "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "hyper_parameters": dict(self.module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+            "epoch": 0,
+            "global_step": 0,
+            "fedws": {"round": server_round, "strategy": self.cfg.federation.strategy},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)

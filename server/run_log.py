@@ -1,0 +1,144 @@
+"""The run directory (DESIGN.md's contract), written as the run goes:
+
+- ``config.yaml``: the resolved config;
+- ``metrics.csv``: a row per round (round 0 = the initial model), through Lightning's CSVLogger;
+  a TensorBoardLogger under ``tensorboard/`` as well when ``server.tensorboard`` is on;
+- ``clients.csv``: a row per client per round;
+- ``summary.json``: final and best metrics, timings, versions;
+- ``checkpoints/last.ckpt`` (every round) and ``checkpoints/best.ckpt`` (best test accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from app.config import Config, dump_config
+from app.errors import ConfigError
+
+METRIC_COLUMNS = (
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "val_accuracy",
+    "clients_ok",
+    "clients_failed",
+    "round_s",
+)
+CLIENT_COLUMNS = (
+    "round",
+    "client",
+    "num_examples",
+    "train_loss",
+    "val_accuracy",
+    "val_loss",
+    "fit_s",
+    "global_val_accuracy",
+    "global_val_loss",
+)
+
+
+def versions() -> dict[str, str]:
+    import flwr
+    import lightning
+    import torch
+    import torchmetrics
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "flwr": flwr.__version__,
+    }
+
+
+def _loggers(cfg: Config, out: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=out, name="", version="")]
+    if cfg.server.tensorboard:
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=out, name="tensorboard", version=""))
+        except ModuleNotFoundError as err:
+            raise ConfigError(
+                "server.tensorboard",
+                f"needs the tensorboard package ({err}): pip install tensorboard",
+            ) from None
+    return loggers
+
+
+class RunLog:
+    def __init__(self, cfg: Config, out: Path, synthetic: bool) -> None:
+        self.cfg, self.out, self.synthetic = cfg, out, synthetic
+        out.mkdir(parents=True, exist_ok=True)
+        self.loggers = _loggers(cfg, out)
+        with warnings.catch_warnings():  # an old run's files in OUT are replaced on purpose
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            for logger in self.loggers:
+                logger.experiment  # noqa: B018 - creates the writers, clears an old metrics.csv
+        (out / "config.yaml").write_text(dump_config(cfg))
+        self.clients_path = out / "clients.csv"
+        with open(self.clients_path, "w", newline="") as f:
+            csv.writer(f).writerow(CLIENT_COLUMNS)
+        self.rows: list[dict[str, float]] = []
+        self.start = time.time()
+
+    def log_round(self, row: dict[str, float], clients: list[dict[str, Any]]) -> None:
+        self.rows.append(row)
+        for logger in self.loggers:
+            logger.log_metrics({k: row[k] for k in METRIC_COLUMNS}, step=int(row["round"]))
+            logger.save()
+        with open(self.clients_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, restval="")
+            writer.writerows(clients)
+
+    def best(self) -> dict[str, float] | None:
+        evaluated = [r for r in self.rows if not math.isnan(r["test_accuracy"])]
+        return max(evaluated, key=lambda r: r["test_accuracy"]) if evaluated else None
+
+    def finish(self, status: str = "completed", error: str | None = None) -> dict[str, Any]:
+        for logger in self.loggers:
+            logger.finalize(status="success" if status == "completed" else "failed")
+        last = next((r for r in reversed(self.rows) if not math.isnan(r["test_accuracy"])), None)
+        best = self.best()
+        trained = [r for r in self.rows if r["round"] > 0]
+        summary = {
+            "status": status,
+            "error": error,
+            "rounds": int(self.rows[-1]["round"]) if self.rows else 0,
+            "final": _pick(last),
+            "best": _pick(best),
+            "wall_s": round(time.time() - self.start, 3),
+            "mean_round_s": (
+                round(sum(r["round_s"] for r in trained) / len(trained), 3) if trained else None
+            ),
+            "seed": self.cfg.seed,
+            "partition_seed": self.cfg.data.partition.seed,
+            "dataset": self.cfg.data.dataset,
+            "synthetic_data": self.synthetic,
+            "model": {"arch": self.cfg.model.arch, "norm": self.cfg.model.norm},
+            "strategy": self.cfg.federation.strategy,
+            "versions": versions(),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+        return summary
+
+
+def _pick(row: dict[str, float] | None) -> dict[str, float] | None:
+    if row is None:
+        return None
+    return {
+        "round": int(row["round"]),
+        "test_accuracy": row["test_accuracy"],
+        "test_loss": row["test_loss"],
+    }

@@ -1,0 +1,141 @@
+"""The ClientApp driven in-process with hand-made Flower messages (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from helpers import set_task_identity, small_config
+
+from app.config import Config, dump_config
+from app.runtime import CONFIG_KEY, dataset, new_module, shard
+from app.state import select, state_policy
+from clients.client_app import LOCAL_STATE_KEY, app
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    set_task_identity(monkeypatch)
+
+
+def global_arrays(cfg: Config) -> ArrayRecord:
+    module = new_module(cfg, dataset(cfg.data))
+    policy = state_policy(module.model, cfg.federation.strategy)
+    return ArrayRecord(select(module.model.state_dict(), policy.travel))
+
+
+def message(cfg: Config, arrays: ArrayRecord, kind: str = MessageType.TRAIN, rnd: int = 1):
+    config = ConfigRecord({CONFIG_KEY: dump_config(cfg), "server-round": rnd})
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def context(cfg: Config, client: int = 0) -> Context:
+    n = cfg.data.partition.num_clients
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": client, "num-partitions": n},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_train_reply_has_arrays_and_metrics_with_sample_count():
+    cfg = small_config("data.partition.num_clients=3")
+    arrays = global_arrays(cfg)
+    reply = app(message(cfg, arrays), context(cfg, client=1))
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == shard(cfg.data, 1).num_train  # samples, not batches
+    assert metrics["partition-id"] == 1
+    assert {"train_loss", "val_accuracy", "val_loss", "fit_s"} <= set(metrics.keys())
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["fit_s"] > 0
+    sent = reply.content["arrays"].to_torch_state_dict()
+    assert list(sent) == list(arrays.keys())
+    before = arrays.to_torch_state_dict()
+    assert any(not torch.equal(sent[k], before[k]) for k in sent)  # it trained
+
+
+def test_local_steps_bound_the_local_fit():
+    cfg = small_config("train.local_steps=2", "train.batch_size=4", "optim.lr=0.01")
+    reply = app(message(cfg, global_arrays(cfg)), context(cfg))
+    assert reply.content["metrics"]["num-examples"] == shard(cfg.data, 0).num_train
+    assert reply.content["metrics"]["fit_s"] < 5
+
+
+def test_shard_is_built_once_per_process():
+    cfg = small_config("data.partition.num_clients=2")
+    first = shard(cfg.data, 0)
+    app(message(cfg, global_arrays(cfg)), context(cfg))
+    assert shard(cfg.data, 0) is first
+
+
+def test_fedbn_keeps_batchnorm_on_the_client_across_rounds():
+    cfg = small_config("model.norm=bn", "federation.strategy=fedbn")
+    arrays = global_arrays(cfg)
+    model = new_module(cfg, dataset(cfg.data)).model
+    policy = state_policy(model, "fedbn")
+    assert not any(k in arrays for k in policy.local)
+    ctx = context(cfg)
+    reply = app(message(cfg, arrays), ctx)
+    assert set(reply.content["arrays"].keys()) == set(policy.travel)  # no BN entry leaves
+    local = ctx.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    assert set(local) == set(policy.local)
+    running_mean = next(k for k in local if k.endswith("running_mean"))
+    assert local[running_mean].abs().sum() > 0  # statistics of this client's data
+
+    # round 2 starts from this client's own BN state, not from a fresh layer
+    ev = app(message(cfg, reply.content["arrays"], MessageType.EVALUATE, rnd=2), ctx)
+    fresh = app(message(cfg, reply.content["arrays"], MessageType.EVALUATE, rnd=2), context(cfg))
+    assert ev.content["metrics"]["val_loss"] != fresh.content["metrics"]["val_loss"]
+
+
+def test_fedavg_sends_bn_statistics_but_keeps_the_counter():
+    cfg = small_config("model.norm=bn")
+    ctx = context(cfg)
+    reply = app(message(cfg, global_arrays(cfg)), ctx)
+    sent = reply.content["arrays"].keys()
+    assert any(k.endswith("running_var") for k in sent)
+    assert not any(k.endswith("num_batches_tracked") for k in sent)
+    counters = ctx.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    assert counters and all(v.dtype == torch.int64 and v.item() > 0 for v in counters.values())
+
+
+def test_fedprox_term_changes_the_update_and_pulls_it_to_the_global_model():
+    base = small_config("model.norm=gn", "optim.lr=0.1", "train.local_epochs=2")
+    prox = small_config(
+        "model.norm=gn",
+        "optim.lr=0.1",
+        "train.local_epochs=2",
+        "federation.strategy=fedprox",
+        "federation.proximal_mu=1.0",
+    )
+    start = global_arrays(base).to_torch_state_dict()
+
+    def update_norm(cfg: Config) -> tuple[dict, float]:
+        reply = app(message(cfg, ArrayRecord(start)), context(cfg))
+        sent = reply.content["arrays"].to_torch_state_dict()
+        return sent, sum((sent[k] - start[k]).pow(2).sum().item() for k in sent) ** 0.5
+
+    avg, avg_norm = update_norm(base)
+    fedprox, prox_norm = update_norm(prox)
+    assert any(not torch.equal(avg[k], fedprox[k]) for k in avg)
+    assert prox_norm < avg_norm
+
+
+def test_evaluate_reports_the_global_model_on_local_validation_data():
+    cfg = small_config()
+    reply = app(message(cfg, global_arrays(cfg), MessageType.EVALUATE), context(cfg, client=2))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == shard(cfg.data, 2).num_val
+    assert set(reply.content.keys()) == {"metrics"}
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0
+
+
+def test_node_count_must_match_the_config():
+    cfg = small_config()
+    ctx = context(cfg)
+    ctx.node_config["num-partitions"] = 9
+    with pytest.raises(ValueError, match=r"9 nodes but data\.partition\.num_clients is 4"):
+        app(message(cfg, global_arrays(cfg)), ctx)

@@ -1,0 +1,173 @@
+"""The ServerApp's federation loop, driven in-process through a Grid that calls the ClientApp
+directly (no Ray): run directory contract, state policy on the server, failures, strategies."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from flwr.serverapp import strategy as fl
+from helpers import InProcessGrid, set_task_identity, small_config
+
+from app.config import build
+from app.module import FedwsClassifier, tensor_loader
+from app.runtime import dataset, new_module
+from app.state import state_policy
+from clients.client_app import app as client_app
+from server.evaluation import GlobalEvaluator
+from server.run_log import CLIENT_COLUMNS, METRIC_COLUMNS
+from server.server_app import run_federation
+from server.strategy import STRATEGY_CLASSES, TooFewRepliesError, build_strategy
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    set_task_identity(monkeypatch)
+
+
+def federate(cfg, out: Path, fail=frozenset()):
+    n = cfg.data.partition.num_clients
+    return run_federation(InProcessGrid(client_app, n, fail=fail), cfg, out)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_directory_contract(tmp_path):
+    cfg = small_config("federation.rounds=2", "data.partition.num_clients=3")
+    summary = federate(cfg, tmp_path)
+
+    assert build(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+    metrics = read_csv(tmp_path / "metrics.csv")
+    assert set(METRIC_COLUMNS) <= set(metrics[0])
+    assert [int(r["round"]) for r in metrics] == [0, 1, 2]
+    assert all(int(r["clients_ok"]) == 3 and int(r["clients_failed"]) == 0 for r in metrics[1:])
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in metrics)
+    assert all(float(r["round_s"]) > 0 for r in metrics[1:])
+
+    clients = read_csv(tmp_path / "clients.csv")
+    assert list(clients[0]) == list(CLIENT_COLUMNS)
+    assert [(int(r["round"]), int(r["client"])) for r in clients] == [
+        (r, c) for r in (1, 2) for c in range(3)
+    ]
+    assert all(int(r["num_examples"]) > 0 and float(r["fit_s"]) > 0 for r in clients)
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert summary["final"]["test_accuracy"] == pytest.approx(float(metrics[-1]["test_accuracy"]))
+    best = max(float(r["test_accuracy"]) for r in metrics)
+    assert summary["best"]["test_accuracy"] == pytest.approx(best)
+    assert summary["synthetic_data"] is True and summary["seed"] == 0
+    assert {"torch", "lightning", "flwr"} <= set(summary["versions"])
+    assert summary["wall_s"] > 0
+
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+
+
+def test_checkpoint_loads_through_lightning_with_the_logged_accuracy(tmp_path):
+    cfg = small_config("federation.rounds=2", "data.partition.num_clients=2")
+    summary = federate(cfg, tmp_path)
+    module = FedwsClassifier.load_from_checkpoint(
+        tmp_path / "checkpoints" / "last.ckpt", weights_only=True
+    )
+    ds = dataset(cfg.data)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    (metrics,) = trainer.test(
+        module, tensor_loader(ds.normalize(ds.x_test), ds.y_test, 64), verbose=False
+    )
+    assert metrics["test_acc"] == pytest.approx(summary["final"]["test_accuracy"], abs=1e-6)
+    assert metrics["test_loss"] == pytest.approx(summary["final"]["test_loss"], rel=1e-5)
+
+
+def test_fedbn_server_never_holds_batchnorm_entries(tmp_path, monkeypatch):
+    cfg = small_config("model.norm=bn", "federation.strategy=fedbn", "federation.rounds=2")
+    seen: list[set[str]] = []
+    original = GlobalEvaluator.load
+
+    def spy(self, arrays):
+        seen.append(set(arrays.keys()))
+        original(self, arrays)
+
+    monkeypatch.setattr(GlobalEvaluator, "load", spy)
+    federate(cfg, tmp_path)
+    model = new_module(cfg, dataset(cfg.data)).model
+    policy = state_policy(model, "fedbn")
+    bn_keys = {
+        f"{name}.{key}"
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for key in m.state_dict()
+    }
+    assert len(seen) == 3  # round 0 (initial), 1, 2
+    assert all(keys == set(policy.travel) and not keys & bn_keys for keys in seen)
+
+
+def test_failed_clients_are_counted_and_the_round_goes_on(tmp_path):
+    cfg = small_config("federation.rounds=2", "federation.min_clients=2")
+    federate(cfg, tmp_path, fail={1})
+    rows = read_csv(tmp_path / "metrics.csv")[1:]
+    assert all(int(r["clients_ok"]) == 3 and int(r["clients_failed"]) == 1 for r in rows)
+    clients = read_csv(tmp_path / "clients.csv")
+    assert {int(r["client"]) for r in clients if r["num_examples"]} == {0, 2, 3}
+
+
+def test_too_few_replies_stop_the_run_with_a_clear_error(tmp_path):
+    cfg = small_config("federation.rounds=3", "federation.min_clients=3")
+    with pytest.raises(TooFewRepliesError, match="round 1: 2 successful client replies"):
+        federate(cfg, tmp_path, fail={0, 1})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "min_clients is 3" in summary["error"]
+
+
+def test_eval_every_skips_test_rounds_but_not_the_last(tmp_path):
+    cfg = small_config("federation.rounds=3", "server.eval_every=2")
+    federate(cfg, tmp_path)
+    acc = [float(r["test_accuracy"]) for r in read_csv(tmp_path / "metrics.csv")]
+    assert [math.isnan(a) for a in acc] == [False, True, False, False]
+
+
+def test_same_config_same_metrics(tmp_path):
+    cfg = small_config("federation.rounds=2", "model.norm=bn")
+    federate(cfg, tmp_path / "a")
+    federate(cfg, tmp_path / "b")
+    a, b = (read_csv(tmp_path / d / "metrics.csv") for d in ("a", "b"))
+    for key in ("test_accuracy", "test_loss", "train_loss", "val_accuracy"):
+        assert [r[key] for r in a] == [r[key] for r in b]
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_CLASSES))
+def test_every_strategy_is_flowers_own_class_and_runs(name, tmp_path):
+    cfg = small_config(f"federation.strategy={name}", "federation.rounds=1")
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, STRATEGY_CLASSES[name])
+    summary = federate(cfg, tmp_path)
+    assert summary["status"] == "completed" and math.isfinite(summary["final"]["test_loss"])
+
+
+def test_strategy_hyper_parameters_come_from_config():
+    fedavgm = build_strategy(small_config("federation.strategy=fedavgm"))
+    assert fedavgm.server_momentum == 0.9 and fedavgm.server_learning_rate == 1.0
+    prox = build_strategy(small_config("federation.strategy=fedprox", "federation.proximal_mu=0.3"))
+    assert isinstance(prox, fl.FedProx) and prox.proximal_mu == 0.3
+    adam = build_strategy(small_config("federation.strategy=fedadam", "federation.eta=0.02"))
+    assert adam.eta == 0.02 and adam.tau == 0.001  # unset: Flower's default
+    sampled = build_strategy(small_config("federation.fraction_train=0.5"))
+    assert sampled.fraction_train == 0.5 and sampled.min_available_nodes == 4
+
+
+def test_tensorboard_logger_when_asked(tmp_path):
+    cfg = small_config("federation.rounds=1", "server.tensorboard=true")
+    federate(cfg, tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "metrics.csv").is_file()  # the CSV logger stays on
