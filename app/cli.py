@@ -141,6 +141,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from app.report import write_report
+    from app.study import load_study, run_study
+
+    if args.parallel < 1:
+        print("fedws: config error: --parallel: must be >= 1", file=sys.stderr)
+        return 2
+    study = load_study(args.study, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
+    statuses = run_study(study, out, parallel=args.parallel, echo=lambda m: print(m, flush=True))
+    report = write_report(out)
+    failed = sorted(cid for cid, status in statuses.items() if status != "completed")
+    print(f"wrote {out / 'results.csv'} and {report}")
+    if failed:
+        print(f"fedws: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from app.report import write_report
+
+    out = Path(args.dir)
+    if not (out / "study.yaml").is_file():
+        print(f"fedws: error: {out} is not a study folder (no study.yaml)", file=sys.stderr)
+        return 1
+    report = write_report(out)
+    print(f"wrote {out / 'results.csv'} and {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedws",
@@ -160,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser(
+        "study",
+        help="run a grid of federations (resumable) and write results.csv + report.md",
+        description="Run every cell of STUDY into OUT/runs/<cell>/, skipping completed cells, "
+        "then write OUT/results.csv and OUT/report.md.",
+    )
+    st.add_argument("study", help="study YAML, e.g. configs/studies/bn_vs_ws_quick.yaml")
+    st.add_argument("-o", "--out", help=f"study folder (default: {DEFAULT_OUT}/study-<name>)")
+    _add_set(st)
+    st.add_argument(
+        "--parallel", type=int, default=1, help="cells run at once (default 1); cores are shared"
+    )
+    st.set_defaults(func=cmd_study)
+
+    rp = sub.add_parser(
+        "report",
+        help="rebuild results.csv and report.md of a study folder",
+        description="Rebuild DIR/results.csv, DIR/report.md and DIR/figures/ from the runs.",
+    )
+    rp.add_argument("dir", help="a study folder written by fedws study")
+    rp.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "partitions",

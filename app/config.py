@@ -264,10 +264,16 @@ class SimulationConfig:
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    ray_num_cpus: int | None = None  # CPUs the local Ray instance may use (null: all)
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")
         _check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
+        _check(
+            self.ray_num_cpus is None or self.ray_num_cpus >= 1,
+            "ray_num_cpus",
+            f"must be >= 1 or null, got {self.ray_num_cpus}",
+        )
 
 
 @dataclass(frozen=True)

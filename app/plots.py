@@ -40,6 +40,77 @@ def label_heatmap(
                 ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(im, ax=ax, label="samples")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def accuracy_curves(
+    panels: dict[str, list[tuple[str, list[tuple[int, float]]]]], path: Path
+) -> Path:
+    """One panel per partition, one line per row label: the mean over seeds, a min-max band."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, runs) in zip(axes.flat, panels.items(), strict=False):
+        by_label: dict[str, list[dict[int, float]]] = {}
+        for label, curve in runs:
+            by_label.setdefault(label, []).append(dict(curve))
+        for label, curves in by_label.items():
+            rounds = sorted(set.intersection(*(set(c) for c in curves)))
+            values = np.array([[c[r] for r in rounds] for c in curves])
+            ax.plot(rounds, values.mean(axis=0), label=label, marker=".", markersize=3)
+            if len(curves) > 1:
+                ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), alpha=0.2)
+        ax.set_title(title)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("round")
+        ax.set_ylabel("global test accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return _save(fig, path)
+
+
+def accuracy_vs_alpha(points: list[tuple[str, float, float]], path: Path) -> Path:
+    """Final accuracy (seed mean) against the Dirichlet alpha, log axis, a line per label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    labels = list(dict.fromkeys(label for label, _, _ in points))
+    for label in labels:
+        by_alpha: dict[float, list[float]] = {}
+        for lab, alpha, acc in points:
+            if lab == label:
+                by_alpha.setdefault(alpha, []).append(acc)
+        alphas = sorted(by_alpha)
+        ax.plot(alphas, [np.mean(by_alpha[a]) for a in alphas], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("Dirichlet alpha (log; smaller = more label skew)")
+    ax.set_ylabel("final global test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def client_spread(values: dict[str, list[float]], path: Path, title: str) -> Path:
+    """Box plot of per-client accuracies, one box per label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(values) + 2), 3.8))
+    ax.boxplot(list(values.values()), tick_labels=list(values))
+    ax.set_ylabel("client validation accuracy")
+    ax.set_title(f"per-client accuracy, {title}")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -70,6 +70,7 @@ def run(cfg: Config, out: Path, verbose: bool = False, progress: bool = True) ->
             num_clients=cfg.data.partition.num_clients,
             num_cpus=cfg.simulation.num_cpus,
             num_gpus=cfg.simulation.num_gpus,
+            ray_num_cpus=cfg.simulation.ray_num_cpus,
             verbose=verbose,
         )
     finally:

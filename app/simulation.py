@@ -13,9 +13,15 @@ from typing import Any
 from flwr.serverapp import ServerApp
 
 
-def backend_config(num_cpus: float, num_gpus: float) -> dict[str, Any]:
-    """Flower's Ray backend config: each simulated client's resources."""
-    return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+def backend_config(
+    num_cpus: float, num_gpus: float, ray_num_cpus: int | None = None
+) -> dict[str, Any]:
+    """Flower's Ray backend config: each simulated client's resources, and optionally how many
+    CPUs the local Ray instance may use."""
+    config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    if ray_num_cpus is not None:
+        config["init_args"] = {"num_cpus": ray_num_cpus}
+    return config
 
 
 def run_simulation(
@@ -23,6 +29,7 @@ def run_simulation(
     num_clients: int,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    ray_num_cpus: int | None = None,
     verbose: bool = False,
 ) -> None:
     """Run ``server_app`` against fedws's ClientApp on ``num_clients`` simulated SuperNodes
@@ -42,7 +49,7 @@ def run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_clients,
-                backend_config=backend_config(num_cpus, num_gpus),
+                backend_config=backend_config(num_cpus, num_gpus, ray_num_cpus),
                 verbose_logging=verbose,
             )
     finally:

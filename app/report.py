@@ -1,0 +1,339 @@
+"""A study's results table and report, rebuilt from its run directories alone.
+
+``results.csv``: a row per cell. ``report.md``: the accuracy table (mean +- std over seeds, best
+per column in bold), accuracy-vs-round curves, accuracy vs heterogeneity, the label
+distribution of each partition and the per-client accuracy spread under the strongest skew.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from app.config import Config, build
+from app.study import axis_label
+
+PARTITION_KEY, SEED_KEY = "data.partition", "seed"
+RESULT_COLUMNS = (
+    "cell",
+    "status",
+    "row",
+    "column",
+    "dataset",
+    "arch",
+    "norm",
+    "strategy",
+    "partition",
+    "alpha",
+    "seed",
+    "final_test_accuracy",
+    "best_test_accuracy",
+    "best_round",
+    "final_test_loss",
+    "client_val_mean",
+    "client_val_worst10",
+    "round_to_target",
+    "rounds",
+    "wall_s",
+    "error",
+)
+
+
+@dataclass
+class CellResult:
+    id: str
+    axes: dict[str, Any]
+    config: Config | None
+    summary: dict[str, Any]
+    curve: list[tuple[int, float]]  # (round, test accuracy) where evaluated
+    client_acc: list[float]  # last round, global model on each client's validation split
+    row: str
+    column: str
+
+    @property
+    def completed(self) -> bool:
+        return self.summary.get("status") == "completed"
+
+    @property
+    def final(self) -> float:
+        return (self.summary.get("final") or {}).get("test_accuracy", math.nan)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _resolved(cfg: Config | None, key: str) -> Any:
+    node: Any = cfg.to_dict() if cfg else {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _load_cell(out: Path, cid: str, axes: dict[str, Any], study_axes: list[str]) -> CellResult:
+    run = out / "runs" / cid
+    cfg_path = run / "config.yaml" if (run / "config.yaml").is_file() else run / "cell.yaml"
+    cfg = build(yaml.safe_load(cfg_path.read_text())) if cfg_path.is_file() else None
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        summary = {"status": "pending"}
+    curve = [
+        (int(r["round"]), _float(r["test_accuracy"]))
+        for r in _read_csv(run / "metrics.csv")
+        if not math.isnan(_float(r["test_accuracy"]))
+    ]
+    clients = _read_csv(run / "clients.csv")
+    last = max((int(r["round"]) for r in clients), default=None)
+    client_acc = []
+    for r in clients:
+        if int(r["round"]) == last:
+            acc = _float(r["global_val_accuracy"])
+            acc = _float(r["val_accuracy"]) if math.isnan(acc) else acc
+            if not math.isnan(acc):
+                client_acc.append(acc)
+
+    def label(key: str) -> str:
+        return axis_label(axes[key]) if key in axes else axis_label(_resolved(cfg, key))
+
+    row_keys = [k for k in study_axes if k not in (PARTITION_KEY, SEED_KEY)]
+    row = ", ".join(label(k) for k in row_keys) or (cfg.model.norm if cfg else cid)
+    column = label(PARTITION_KEY) if PARTITION_KEY in study_axes else "all"
+    return CellResult(cid, axes, cfg, summary, curve, client_acc, row, column)
+
+
+def load_results(out: Path) -> tuple[dict[str, Any], list[CellResult]]:
+    meta = yaml.safe_load((out / "study.yaml").read_text())
+    cells = [_load_cell(out, c["id"], c["axes"], meta["axes"]) for c in meta["cells"]]
+    return meta, cells
+
+
+def _worst10(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    k = max(1, math.ceil(0.1 * len(values)))
+    return float(np.mean(sorted(values)[:k]))
+
+
+def write_results_csv(out: Path, cells: list[CellResult], target: float | None) -> Path:
+    path = out / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for c in cells:
+            cfg, s = c.config, c.summary
+            reached = [r for r, acc in c.curve if target is not None and acc >= target]
+            part = cfg.data.partition if cfg else None
+            writer.writerow(
+                {
+                    "cell": c.id,
+                    "status": s.get("status", "pending"),
+                    "row": c.row,
+                    "column": c.column,
+                    "dataset": cfg.data.dataset if cfg else "",
+                    "arch": cfg.model.arch if cfg else "",
+                    "norm": cfg.model.norm if cfg else "",
+                    "strategy": cfg.federation.strategy if cfg else "",
+                    "partition": part.kind if part else "",
+                    "alpha": part.alpha if part and part.kind in ("dirichlet", "quantity") else "",
+                    "seed": cfg.seed if cfg else "",
+                    "final_test_accuracy": c.final if c.completed else "",
+                    "best_test_accuracy": (s.get("best") or {}).get("test_accuracy", ""),
+                    "best_round": (s.get("best") or {}).get("round", ""),
+                    "final_test_loss": (s.get("final") or {}).get("test_loss", ""),
+                    "client_val_mean": np.mean(c.client_acc) if c.client_acc else "",
+                    "client_val_worst10": _worst10(c.client_acc) if c.client_acc else "",
+                    "round_to_target": reached[0] if reached else "",
+                    "rounds": s.get("rounds", ""),
+                    "wall_s": s.get("wall_s", ""),
+                    "error": s.get("error") or "",
+                }
+            )
+    return path
+
+
+def _ordered(values) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def accuracy_table(cells: list[CellResult]) -> str:
+    """Markdown: rows x columns of mean +- std (over seeds) of the final accuracy, best in bold."""
+    done = [c for c in cells if c.completed]
+    rows, cols = _ordered(c.row for c in cells), _ordered(c.column for c in cells)
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for c in done:
+        acc[(c.row, c.column)].append(c.final)
+    means = {k: float(np.mean(v)) for k, v in acc.items()}
+    best = {col: max((m for (r, c), m in means.items() if c == col), default=None) for col in cols}
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in rows:
+        cells_md = []
+        for col in cols:
+            values = acc.get((row, col))
+            if not values:
+                cells_md.append("–")
+                continue
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            text = f"{np.mean(values):.4f} ± {std:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+            cells_md.append(f"**{text}**" if means[(row, col)] == best[col] else text)
+        lines.append(f"| {row} | " + " | ".join(cells_md) + " |")
+    return "\n".join(lines)
+
+
+def settings_line(cells: list[CellResult], axes: list[str]) -> str:
+    cfg = next((c.config for c in cells if c.config), None)
+    if cfg is None:
+        return ""
+    seeds = len({c.config.seed for c in cells if c.config})
+    d, p = cfg.data, cfg.data.partition
+    parts = [
+        f"dataset {d.dataset}" + (" (SYNTHETIC)" if d.dataset == "synthetic" else ""),
+        f"{d.train_samples or 'all'} training samples",
+        f"{p.num_clients} clients",
+        f"{cfg.federation.rounds} rounds",
+        f"{cfg.model.arch} (width {cfg.model.width or 'default'})",
+        f"{cfg.train.local_epochs} local epoch(s), batch {cfg.train.batch_size}",
+        f"{cfg.optim.name} lr {cfg.optim.lr}",
+        f"{seeds} seed(s)",
+    ]
+    return "Settings: " + ", ".join(parts) + f". Varied: {', '.join(axes)}."
+
+
+def _partition_counts(cells: list[CellResult]) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Label counts (clients x classes) of each column's partition, from the data itself."""
+    from app.data import load_dataset
+    from app.partition import label_counts, partition_indices
+
+    counts: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
+    datasets: dict[Any, Any] = {}
+    for c in cells:
+        if c.column in counts or c.config is None:
+            continue
+        data = c.config.data
+        if data not in datasets:
+            datasets[data] = load_dataset(data)
+        ds = datasets[data]
+        labels = ds.y_train.numpy()
+        parts = partition_indices(labels, data.partition)
+        counts[c.column] = (label_counts(labels, parts, ds.num_classes), ds.classes)
+    return counts
+
+
+def write_report(out: Path) -> Path:
+    """Write ``results.csv``, ``report.md`` and the PNGs under ``out/figures``."""
+    from app import plots
+    from app.partition import label_entropy
+
+    meta, cells = load_results(out)
+    target = meta.get("target_accuracy")
+    write_results_csv(out, cells, target)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    done = [c for c in cells if c.completed]
+    failed = [c for c in cells if c.summary.get("status") == "failed"]
+    pending = [c for c in cells if c.summary.get("status") not in ("completed", "failed")]
+    cols = _ordered(c.column for c in cells)
+
+    md = [
+        "# fedws study report",
+        "",
+        f"Study `{meta.get('source')}`; {len(done)} of {len(cells)} cells completed"
+        + (f", {len(failed)} failed" if failed else "")
+        + (f", {len(pending)} not run" if pending else "")
+        + f". Written {dt.datetime.now().isoformat(timespec='seconds')} by `fedws report`.",
+        "",
+        "## Final global test accuracy",
+        "",
+        settings_line(cells, meta["axes"]) + " Mean ± std over seeds; best per column in bold.",
+        "",
+        accuracy_table(cells),
+        "",
+    ]
+    if done:
+        curves = plots.accuracy_curves(
+            {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},
+            figures / "accuracy_vs_round.png",
+        )
+        md += ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
+        alpha_points = [
+            (c.row, c.config.data.partition.alpha, c.final)
+            for c in done
+            if c.config and c.config.data.partition.kind == "dirichlet"
+        ]
+        if len({a for _, a, _ in alpha_points}) >= 2:
+            png = plots.accuracy_vs_alpha(alpha_points, figures / "accuracy_vs_alpha.png")
+            md += [
+                "## Accuracy vs heterogeneity",
+                "",
+                "Final global accuracy against the Dirichlet concentration (smaller = more skew).",
+                "",
+                f"![accuracy vs alpha]({png.relative_to(out)})",
+                "",
+            ]
+    try:
+        counts = _partition_counts(cells)
+    except Exception as err:  # the data may be gone when a report is rebuilt elsewhere
+        counts = {}
+        md += [f"(Label distributions skipped: {err})", ""]
+    if counts:
+        md += ["## Label distributions", ""]
+        for i, (col, (matrix, classes)) in enumerate(counts.items()):
+            png = plots.label_heatmap(matrix, classes, figures / f"labels_{i}.png", col)
+            entropy = float(label_entropy(matrix).mean())
+            md += [
+                f"{col}: mean label entropy {entropy:.3f} bits",
+                "",
+                f"![{col}]({png.relative_to(out)})",
+                "",
+            ]
+    if done:
+        if counts:
+            strongest = min(counts, key=lambda col: float(label_entropy(counts[col][0]).mean()))
+        else:
+            strongest = min(
+                cols, key=lambda col: np.mean([c.final for c in done if c.column == col] or [1])
+            )
+        spread = {
+            row: [a for c in done if c.column == strongest and c.row == row for a in c.client_acc]
+            for row in _ordered(c.row for c in done)
+        }
+        spread = {k: v for k, v in spread.items() if v}
+        if spread:
+            png = plots.client_spread(spread, figures / "client_spread.png", strongest)
+            md += [
+                f"## Per-client accuracy under the strongest skew ({strongest})",
+                "",
+                "The final global model on each client's local validation split, all seeds pooled.",
+                "",
+                f"![client spread]({png.relative_to(out)})",
+                "",
+            ]
+    if failed:
+        md += (
+            ["## Failed cells", ""]
+            + [f"- `{c.id}`: {c.summary.get('error')}" for c in failed]
+            + [""]
+        )
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

@@ -1,0 +1,118 @@
+"""What Weight Standardization costs: ``WSConv2d`` against ``nn.Conv2d`` with the same weights.
+
+Train mode: forward + backward (the standardization is recomputed and differentiated every
+step). Eval mode: forward under ``torch.inference_mode`` (the standardized weight is cached).
+Both layers are timed side by side in this one process, interleaved, best of several repeats.
+
+    python benchmarks/ws_overhead.py [--json PATH] [--repeats N]
+
+JSON keys: ``train_ratio`` and ``eval_ratio`` (the worst shape), ``rows`` (every shape).
+Targets on 2 CPU cores: train <= 1.10, eval <= 1.02.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.layers import WSConv2d
+
+# (in channels, out channels, spatial size, batch)
+SHAPES = [
+    (16, 32, 28, 32),
+    (16, 32, 28, 128),
+    (64, 64, 32, 32),
+    (64, 64, 32, 128),
+]
+
+
+def _time(fn, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def measure(cin: int, cout: int, size: int, batch: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    ws = WSConv2d(cin, cout, 3, padding=1, bias=False)
+    ws.load_state_dict(conv.state_dict())
+    x = torch.randn(batch, cin, size, size)
+    x_grad = x.clone().requires_grad_(True)
+
+    def train_step(layer: nn.Module):
+        def step():
+            layer.zero_grad(set_to_none=True)
+            layer(x_grad).sum().backward()
+
+        return step
+
+    def eval_step(layer: nn.Module):
+        def step():
+            with torch.inference_mode():
+                layer(x)
+
+        return step
+
+    # enough iterations for ~0.2 s per timing
+    conv.train(), ws.train()
+    probe = _time(train_step(conv), 3)
+    iters = max(3, int(0.2 / max(probe, 1e-6)))
+    results = {}
+    for mode, make in (("train", train_step), ("eval", eval_step)):
+        conv.train(mode == "train"), ws.train(mode == "train")
+        make(conv)(), make(ws)()  # warm-up (and the eval cache)
+        base, std = [], []
+        for _ in range(repeats):  # interleaved: drifts in machine load hit both alike
+            base.append(_time(make(conv), iters))
+            std.append(_time(make(ws), iters))
+        results[f"{mode}_conv_ms"] = 1000 * min(base)
+        results[f"{mode}_ws_ms"] = 1000 * min(std)
+        results[f"{mode}_ratio"] = min(std) / min(base)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    rows = []
+    header = f"{'shape':>26}  {'train conv':>10} {'train WS':>9} {'ratio':>6}"
+    header += f"  {'eval conv':>9} {'eval WS':>8} {'ratio':>6}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(header)
+    for cin, cout, size, batch in SHAPES:
+        r = measure(cin, cout, size, batch, args.repeats)
+        shape = f"{cin}->{cout} @{size}x{size} b{batch}"
+        rows.append({"shape": shape, **r})
+        print(
+            f"{shape:>26}  {r['train_conv_ms']:>8.3f}ms {r['train_ws_ms']:>7.3f}ms "
+            f"{r['train_ratio']:>6.3f}  {r['eval_conv_ms']:>7.3f}ms {r['eval_ws_ms']:>6.3f}ms "
+            f"{r['eval_ratio']:>6.3f}"
+        )
+    summary = {
+        "train_ratio": max(r["train_ratio"] for r in rows),
+        "eval_ratio": max(r["eval_ratio"] for r in rows),
+        "rows": rows,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"worst shape: train ratio {summary['train_ratio']:.3f} (target <= 1.10), "
+        f"eval ratio {summary['eval_ratio']:.3f} (target <= 1.02)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
