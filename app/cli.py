@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.errors import FedwsError
+from app.errors import ConfigError, FedwsError
 
 DEFAULT_OUT = Path("runs")
 
@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
     print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
-    summary = run(cfg, out, verbose=args.verbose, progress=not args.no_progress)
+    summary = run(cfg, out, verbose=args.verbose, progress=not args.no_progress, resume=args.resume)
     print(summary_text(cfg, out, summary))
     return 0
 
@@ -146,8 +146,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from app.study import load_study, run_study
 
     if args.parallel < 1:
-        print("fedws: config error: --parallel: must be >= 1", file=sys.stderr)
-        return 2
+        raise ConfigError("--parallel", f"must be >= 1, got {args.parallel}")
     study = load_study(args.study, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
     statuses = run_study(study, out, parallel=args.parallel, echo=lambda m: print(m, flush=True))
@@ -165,19 +164,29 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = Path(args.dir)
     if not (out / "study.yaml").is_file():
-        print(f"fedws: error: {out} is not a study folder (no study.yaml)", file=sys.stderr)
-        return 1
+        raise ConfigError(
+            str(out), "not a study folder (no study.yaml): give the -o of fedws study"
+        )
     report = write_report(out)
     print(f"wrote {out / 'results.csv'} and {report}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (exit code 2) like every other fedws error."""
+
+    def error(self, message: str):
+        self.exit(2, f"fedws: usage error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedws",
         description="Federated learning under non-IID data: BN vs WS+GN vs normalization-free.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     r = sub.add_parser(
         "run",
@@ -190,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(r)
     r.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in OUT after its last checkpointed round",
+    )
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser(
@@ -245,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedwsError as err:
-        kind = "config error" if err.exit_code == 2 else "error"
+        kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"fedws: {kind}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

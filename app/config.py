@@ -277,6 +277,28 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Injected faults, to test fedws's own robustness (off by default): in the listed rounds
+    (every round when ``rounds`` is empty) a client in ``fail_clients`` raises during training
+    and a client in ``nan_clients`` replies with NaN weights."""
+
+    fail_clients: tuple[int, ...] = ()
+    nan_clients: tuple[int, ...] = ()
+    rounds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("fail_clients", "nan_clients", "rounds"):
+            values = getattr(self, name)
+            _check(all(v >= 0 for v in values), name, f"must be >= 0, got {list(values)}")
+
+    def fails(self, client: int, server_round: int) -> bool:
+        return client in self.fail_clients and (not self.rounds or server_round in self.rounds)
+
+    def poisons(self, client: int, server_round: int) -> bool:
+        return client in self.nan_clients and (not self.rounds or server_round in self.rounds)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # training seed (model init, batch order); data has data.partition.seed
     data: DataConfig = field(default_factory=DataConfig)
@@ -286,6 +308,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         n = self.data.partition.num_clients
@@ -296,7 +319,12 @@ class Config:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML-safe data (tuples become lists)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 # --- building from raw mappings ---------------------------------------------------------------
@@ -324,6 +352,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 if err.field != path:  # an error inside a nested value: report it
                     raise
         raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:  # tuple[X, ...] from a YAML list
+        (item, _) = typing.get_args(tp)
+        if isinstance(value, list):
+            return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(path, f"expected a list of {_type_name(item)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -409,6 +442,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(str(path), "config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a folder, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), f"cannot read it as text: {err}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -21,8 +21,14 @@ class ConfigError(FedwsError, ValueError):
 
 
 class DatasetNotFoundError(FedwsError, FileNotFoundError):
-    """A dataset is not on disk: the message names the paths tried and how to get the data."""
+    """A dataset is not on disk: the message names the paths tried and how to get the data.
+    Exit code 2: the input (the config's dataset and paths) has to change."""
+
+    exit_code = 2
 
 
 class DataError(FedwsError, ValueError):
-    """The data is present but unusable (bad format, partition impossible for its size)."""
+    """The data is present but unusable with this config (bad format, a partition impossible
+    for its size). Exit code 2."""
+
+    exit_code = 2

@@ -34,21 +34,26 @@ def _fmt(value: float) -> str:
     )
 
 
-def run(cfg: Config, out: Path, verbose: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg`` with Flower's simulation runtime into ``out``; return ``summary.json``."""
+def run(
+    cfg: Config, out: Path, verbose: bool = False, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg`` with Flower's simulation runtime into ``out``; return ``summary.json``.
+    ``resume`` continues an interrupted run in ``out`` after its last checkpointed round."""
     from tqdm.auto import tqdm
 
     from app import runtime
     from app.simulation import run_simulation
-    from server.server_app import make_server_app
+    from server.server_app import make_server_app, resume_point
 
-    # Fail fast, before Ray starts: a missing dataset or an impossible partition is one line.
-    # The ServerApp runs in this process and finds both in runtime's caches.
+    # Fail fast, before Ray starts: a missing dataset, an impossible partition or nothing to
+    # resume is one line. The ServerApp runs in this process and finds the data in the caches.
     runtime.partitions(cfg.data)
+    done = resume_point(cfg, out)["fedws"]["round"] if resume else 0
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     bar = tqdm(
         total=cfg.federation.rounds,
+        initial=min(done, cfg.federation.rounds),
         desc="rounds",
         unit="round",
         disable=not progress,
@@ -63,7 +68,7 @@ def run(cfg: Config, out: Path, verbose: bool = False, progress: bool = True) ->
         if not math.isnan(acc):
             bar.set_postfix(test_acc=f"{acc:.4f}", refresh=True)
 
-    server_app = make_server_app(cfg, out, progress=on_round)
+    server_app = make_server_app(cfg, out, progress=on_round, resume=resume)
     try:
         run_simulation(
             server_app,

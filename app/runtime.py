@@ -20,6 +20,7 @@ from app.module import FedwsClassifier
 from app.partition import ClientShard, make_shard, partition_indices
 
 CONFIG_KEY = "fedws-config"
+STATE_DIR_KEY = "fedws-state-dir"  # where clients keep their local state for a resumed run
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -17,7 +18,15 @@ from flwr.clientapp import ClientApp
 from app.config import Config
 from app.module import FedwsClassifier, make_trainer, quiet_lightning, tensor_loader
 from app.partition import ClientShard
-from app.runtime import CONFIG_KEY, config_from_text, dataset, new_module, round_seed, shard
+from app.runtime import (
+    CONFIG_KEY,
+    STATE_DIR_KEY,
+    config_from_text,
+    dataset,
+    new_module,
+    round_seed,
+    shard,
+)
 from app.state import StatePolicy, load_partial, select, state_policy
 
 # Lightning's fork check can hang inside Ray actors (see Lightning issue 18640 and Flower docs)
@@ -45,10 +54,35 @@ def _prepare(
     module = new_module(cfg, dataset(cfg.data))
     policy = state_policy(module.model, cfg.federation.strategy)
     load_partial(module.model, msg.content["arrays"].to_torch_state_dict(), policy.travel)
+    if LOCAL_STATE_KEY not in context.state:  # a new process: a resumed run's saved state
+        saved = _state_file(msg, client, int(msg.content["config"]["server-round"]) - 1)
+        if saved is not None and saved.is_file():
+            local = torch.load(saved, weights_only=True, map_location="cpu")
+            context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
     if LOCAL_STATE_KEY in context.state:
         local = context.state[LOCAL_STATE_KEY].to_torch_state_dict()
         load_partial(module.model, local, policy.local)
     return cfg, local_shard, module, policy
+
+
+def _state_file(msg: Message, client: int, server_round: int) -> Path | None:
+    folder = msg.content["config"].get(STATE_DIR_KEY)
+    return Path(str(folder)) / f"client-{client}.round-{server_round}.pt" if folder else None
+
+
+def _save_local_state(msg: Message, client: int, server_round: int, local: dict) -> None:
+    """Keep this round's local state on disk (atomically) so a resumed run finds it; the
+    file of two rounds ago is no longer needed."""
+    path = _state_file(msg, client, server_round)
+    if path is None or not local:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(local, tmp)
+    os.replace(tmp, path)
+    old = _state_file(msg, client, server_round - 2)
+    if old is not None:
+        old.unlink(missing_ok=True)
 
 
 def _validate(cfg: Config, module: FedwsClassifier, local_shard: ClientShard) -> dict[str, float]:
@@ -63,6 +97,8 @@ def _validate(cfg: Config, module: FedwsClassifier, local_shard: ClientShard) ->
 def train(msg: Message, context: Context) -> Message:
     cfg, local_shard, module, policy = _prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    if cfg.faults.fails(local_shard.client, server_round):
+        raise RuntimeError(f"injected fault: client {local_shard.client}, round {server_round}")
     if module.hparams.proximal_mu > 0:
         module.set_global_weights()
     seed = round_seed(cfg, server_round, local_shard.client)
@@ -81,7 +117,11 @@ def train(msg: Message, context: Context) -> Message:
     val = _validate(cfg, module, local_shard)
 
     state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(select(state, policy.local))
+    local = select(state, policy.local)
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
+    _save_local_state(msg, local_shard.client, server_round, local)
+    if cfg.faults.poisons(local_shard.client, server_round):
+        state[policy.travel[0]] = torch.full_like(state[policy.travel[0]], float("nan"))
     metrics = MetricRecord(
         {
             "num-examples": local_shard.num_train,

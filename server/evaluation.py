@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning
 import torch
@@ -35,16 +36,23 @@ class GlobalEvaluator:
             "test_loss": float(metrics["test_loss"]),
         }
 
-    def save_checkpoint(self, path: Path, server_round: int) -> None:
+    def save_checkpoint(
+        self, path: Path, server_round: int, resume: dict[str, Any] | None = None
+    ) -> None:
         """A Lightning checkpoint of the global model, written atomically (tmp file + rename);
-        ``FedwsClassifier.load_from_checkpoint(path)`` opens it."""
+        ``FedwsClassifier.load_from_checkpoint(path)`` opens it. ``resume`` holds what
+        ``fedws run --resume`` needs besides the weights (tensors and plain data only)."""
         checkpoint = {
             "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
             "hyper_parameters": dict(self.module.hparams),
             "pytorch-lightning_version": lightning.__version__,
             "epoch": 0,
             "global_step": 0,
-            "fedws": {"round": server_round, "strategy": self.cfg.federation.strategy},
+            "fedws": {
+                "round": server_round,
+                "strategy": self.cfg.federation.strategy,
+                "resume": resume,
+            },
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -32,6 +32,7 @@ METRIC_COLUMNS = (
     "val_accuracy",
     "clients_ok",
     "clients_failed",
+    "clients_rejected",
     "round_s",
 )
 CLIENT_COLUMNS = (
@@ -77,21 +78,60 @@ def _loggers(cfg: Config, out: Path) -> list[Logger]:
     return loggers
 
 
+def _number(text: str) -> float:
+    """A CSV cell back to the int or float it was written from."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _rows_until(path: Path, last_round: int) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(float(r["round"])) <= last_round]
+
+
 class RunLog:
-    def __init__(self, cfg: Config, out: Path, synthetic: bool) -> None:
+    """Writes the run directory. ``resume_round=k`` keeps the rows of rounds <= k of an
+    interrupted run (and drops any later, half-written ones)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        out: Path,
+        synthetic: bool,
+        resume_round: int | None = None,
+        elapsed_s: float = 0.0,
+    ) -> None:
         self.cfg, self.out, self.synthetic = cfg, out, synthetic
         out.mkdir(parents=True, exist_ok=True)
+        self.clients_path = out / "clients.csv"
+        kept = _rows_until(out / "metrics.csv", resume_round) if resume_round is not None else []
+        kept_clients = (
+            _rows_until(self.clients_path, resume_round) if resume_round is not None else []
+        )
         self.loggers = _loggers(cfg, out)
         with warnings.catch_warnings():  # an old run's files in OUT are replaced on purpose
             warnings.filterwarnings("ignore", message="Experiment logs directory")
             for logger in self.loggers:
                 logger.experiment  # noqa: B018 - creates the writers, clears an old metrics.csv
         (out / "config.yaml").write_text(dump_config(cfg))
-        self.clients_path = out / "clients.csv"
         with open(self.clients_path, "w", newline="") as f:
-            csv.writer(f).writerow(CLIENT_COLUMNS)
-        self.rows: list[dict[str, float]] = []
-        self.start = time.time()
+            writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept_clients)
+        self.rows = [{k: _number(r.get(k) or "0") for k in METRIC_COLUMNS} for r in kept]
+        csv_logger = self.loggers[0]
+        for row in self.rows:
+            csv_logger.log_metrics(row, step=int(row["round"]))
+        csv_logger.save()
+        self.start = time.time() - elapsed_s
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.time() - self.start
 
     def log_round(self, row: dict[str, float], clients: list[dict[str, Any]]) -> None:
         self.rows.append(row)

@@ -11,21 +11,24 @@ Two entry points share ``run_federation``:
 from __future__ import annotations
 
 import math
+import pickle
 import random
+import shutil
 import time
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from app.config import Config, dump_config, load_config
-from app.errors import FedwsError
+from app.errors import ConfigError, FedwsError
 from app.module import quiet_lightning
-from app.runtime import CONFIG_KEY, dataset, new_module
+from app.runtime import CONFIG_KEY, STATE_DIR_KEY, dataset, new_module
 from app.state import select, state_policy
 from server.evaluation import GlobalEvaluator
 from server.run_log import RunLog
@@ -60,23 +63,79 @@ def _client_rows(server_round: int, replies: RoundReplies) -> list[dict[str, Any
     return rows
 
 
+def _random_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _set_random_state(state: dict[str, Any]) -> None:
+    random.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
+def read_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The last round's checkpoint of a run directory, loaded with ``weights_only=True``."""
+    path = out / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(str(path), f"not a checkpoint fedws can load safely: {first}") from None
+
+
+def resume_point(cfg: Config, out: Path) -> dict[str, Any]:
+    checkpoint = read_checkpoint(out)
+    if checkpoint is None or not (checkpoint.get("fedws") or {}).get("resume"):
+        raise ConfigError("--resume", f"{out} holds no checkpoint of a fedws run to resume")
+    saved = load_config(out / "config.yaml")
+    if saved != cfg:
+        raise ConfigError(
+            "--resume", f"the config differs from the one of the run in {out}; resume with it"
+        )
+    return checkpoint
+
+
 def run_federation(
-    grid: Grid, cfg: Config, out: Path, progress: ProgressFn | None = None
+    grid: Grid,
+    cfg: Config,
+    out: Path,
+    progress: ProgressFn | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every round of ``cfg`` on ``grid``; write the run directory; return the summary."""
+    """Run every round of ``cfg`` on ``grid``; write the run directory; return the summary.
+
+    ``resume``: continue an interrupted run of the same config in ``out`` after its last
+    checkpointed round, with the global weights, the server optimizer's state and the node
+    sampler's random state of that round: the rest of the run is what it would have been.
+    """
     quiet_lightning()
     random.seed(cfg.seed)  # Flower's strategies sample nodes with the random module
     ds = dataset(cfg.data)
     module = new_module(cfg, ds)
     policy = state_policy(module.model, cfg.federation.strategy)
-    evaluator = GlobalEvaluator(cfg, ds, module, policy)
-    log = RunLog(cfg, out, ds.synthetic)
     strategy = build_strategy(cfg)
+    done, elapsed = 0, 0.0
+    client_state = out / "checkpoints" / "clients"
+    if resume:
+        checkpoint = resume_point(cfg, out)
+        done, point = checkpoint["fedws"]["round"], checkpoint["fedws"]["resume"]
+        module.load_state_dict(checkpoint["state_dict"])
+        _set_random_state(point["random_state"])
+        strategy.restore(point["strategy"])
+        strategy.round_offset, elapsed = done, point["elapsed_s"]
+    elif client_state.is_dir():
+        shutil.rmtree(client_state)  # an earlier run's client state must not leak into this one
+    evaluator = GlobalEvaluator(cfg, ds, module, policy)
+    log = RunLog(cfg, out, ds.synthetic, resume_round=done if resume else None, elapsed_s=elapsed)
     rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
     checkpoints = out / "checkpoints"
     clock = [time.perf_counter()]
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_fn(step: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resume and step == 0:  # round `done` was evaluated before the interruption
+            return None
+        server_round = step + done
         evaluator.load(arrays)
         due = server_round % eval_every == 0 or server_round in (0, rounds)
         test = evaluator.test() if due else {"test_accuracy": math.nan, "test_loss": math.nan}
@@ -89,24 +148,34 @@ def run_federation(
             "val_accuracy": _weighted_mean(replies.train, "val_accuracy"),
             "clients_ok": replies.ok,
             "clients_failed": replies.failed,
-            "round_s": round(now - clock[0], 4) if server_round else 0.0,
+            "clients_rejected": replies.rejected,
+            "round_s": round(now - clock[0], 4) if step else 0.0,
         }
         clock[0] = now
         log.log_round(row, _client_rows(server_round, replies))
-        evaluator.save_checkpoint(checkpoints / "last.ckpt", server_round)
+        point = {
+            "random_state": _random_state(),
+            "strategy": strategy.state(),
+            "elapsed_s": log.elapsed_s,
+        }
+        evaluator.save_checkpoint(checkpoints / "last.ckpt", server_round, resume=point)
         if due and log.best() is row:
             evaluator.save_checkpoint(checkpoints / "best.ckpt", server_round)
         if progress is not None:
             progress(row)
         return MetricRecord(test) if due else None
 
+    if done >= rounds:
+        return log.finish()
     state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    config = ConfigRecord({CONFIG_KEY: dump_config(cfg)})
+    config = ConfigRecord(
+        {CONFIG_KEY: dump_config(cfg), STATE_DIR_KEY: str(client_state.resolve())}
+    )
     try:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(select(state, policy.travel)),
-            num_rounds=rounds,
+            num_rounds=rounds - done,
             train_config=config,
             evaluate_config=ConfigRecord(dict(config)),
             evaluate_fn=evaluate_fn,
@@ -117,12 +186,14 @@ def run_federation(
     return log.finish()
 
 
-def make_server_app(cfg: Config, out: Path, progress: ProgressFn | None = None) -> ServerApp:
+def make_server_app(
+    cfg: Config, out: Path, progress: ProgressFn | None = None, resume: bool = False
+) -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out, progress)
+        run_federation(grid, cfg, out, progress, resume=resume)
 
     return server_app
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -40,6 +43,7 @@ class RoundReplies:
 
     ok: int = 0
     failed: int = 0
+    rejected: int = 0  # replies with NaN/Inf in an array, left out of the aggregate
     errors: list[str] = field(default_factory=list)
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -54,11 +58,56 @@ def _client(msg: Message) -> int:
     return int(_metrics(msg)["partition-id"])
 
 
+def _finite(msg: Message) -> bool:
+    """Every array of the reply is free of NaN and Inf."""
+    return all(
+        np.isfinite(array.numpy()).all()
+        for record in msg.content.array_records.values()
+        for array in record.values()
+    )
+
+
 class RecordingMixin:
-    """Records replies into ``self.rounds`` and sorts them by client before Flower aggregates."""
+    """Records replies into ``self.rounds`` and sorts them by client before Flower aggregates.
+
+    ``round_offset`` lets a resumed run continue at round k + 1: Flower's ``start`` counts
+    from 1, the clients and the records see the true round.
+    """
 
     min_replies: int = 1
+    round_offset: int = 0
     rounds: dict[int, RoundReplies]
+    _dtypes: dict[str, str]  # of the arrays sent this round
+
+    def configure_train(self, server_round: int, arrays, config, grid):
+        self._dtypes = {k: a.dtype for k, a in arrays.items()}
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays, config, grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    # --- what a resumed run needs of the strategy ------------------------------------------
+
+    _STATE = ("momentum_vector", "m_t", "v_t")  # FedAvgM's and FedOpt's server optimizer state
+
+    def state(self) -> dict[str, Any]:
+        """The server optimizer's state as tensors (``torch.load(weights_only=True)`` safe)."""
+        out: dict[str, Any] = {}
+        for name in self._STATE:
+            value = getattr(self, name, None)
+            if isinstance(value, dict):
+                out[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+            elif isinstance(value, list):
+                out[name] = [torch.from_numpy(np.array(v)) for v in value]
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Undo ``state()``; the arrays the optimizer applies to come with the next round."""
+        for name, value in state.items():
+            if isinstance(value, dict):
+                setattr(self, name, {k: v.numpy() for k, v in value.items()})
+            else:
+                setattr(self, name, [v.numpy() for v in value])
 
     def _split(self, replies: Iterable[Message], record: RoundReplies) -> list[Message]:
         ok, failed = [], []
@@ -69,19 +118,34 @@ class RecordingMixin:
         return sorted(ok, key=_client)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         record = self.rounds.setdefault(server_round, RoundReplies())
         ok = self._split(replies, record)
+        usable = [_finite(m) for m in ok]
+        record.rejected = usable.count(False)
+        record.errors += [
+            f"client {_client(m)}: non-finite update"
+            for m, u in zip(ok, usable, strict=True)
+            if not u
+        ]
+        ok = [m for m, u in zip(ok, usable, strict=True) if u]
         record.ok = len(ok)
         record.train = {_client(m): _metrics(m) for m in ok}
         if len(ok) < self.min_replies:
             detail = f"; first error: {record.errors[0]}" if record.errors else ""
             raise TooFewRepliesError(
-                f"round {server_round}: {len(ok)} successful client replies, "
+                f"round {server_round}: {len(ok)} usable client replies, "
                 f"federation.min_clients is {self.min_replies}{detail}"
             )
-        return super().aggregate_train(server_round, ok)
+        arrays, metrics = super().aggregate_train(server_round, ok)
+        if arrays is not None:  # server optimizers compute in float64: keep the model's dtypes
+            arrays = ArrayRecord(
+                {k: Array(np.asarray(a.numpy(), dtype=self._dtypes[k])) for k, a in arrays.items()}
+            )
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         record = self.rounds.setdefault(server_round, RoundReplies())
         ok = self._split(replies, RoundReplies())  # evaluation failures do not fail a round
         record.evaluate = {_client(m): _metrics(m) for m in ok}

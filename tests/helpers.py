@@ -22,13 +22,13 @@ def small_config(*overrides: str) -> Config:
 
 class InProcessGrid:
     """A Flower Grid that delivers each message to a ClientApp in this process: a federation
-    without Ray, for fast tests of the ServerApp. Node i holds partition i."""
+    without Ray, for fast tests of the ServerApp. Node i holds partition i; a ClientApp that
+    raises gives an error reply, as in Flower's runtimes."""
 
-    def __init__(self, client_app, num_nodes: int, fail: set[int] = frozenset()) -> None:
+    def __init__(self, client_app, num_nodes: int) -> None:
         from flwr.app import Context, RecordDict
 
         self.client_app = client_app
-        self.fail = set(fail)
         self.contexts = {
             100 + i: Context(
                 run_id=1,
@@ -48,11 +48,11 @@ class InProcessGrid:
 
         replies = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node - 100 in self.fail:
-                replies.append(Message(Error(code=0, reason="injected failure"), reply_to=msg))
-            else:
-                replies.append(self.client_app(msg, self.contexts[node]))
+            try:
+                replies.append(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as err:
+                reason = f"{type(err).__name__}: {err}"
+                replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
         return replies
 
 

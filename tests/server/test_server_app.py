@@ -15,7 +15,7 @@ import yaml
 from flwr.serverapp import strategy as fl
 from helpers import InProcessGrid, set_task_identity, small_config
 
-from app.config import build
+from app.config import ConfigError, build
 from app.module import FedwsClassifier, tensor_loader
 from app.runtime import dataset, new_module
 from app.state import state_policy
@@ -31,9 +31,8 @@ def task_identity(monkeypatch):
     set_task_identity(monkeypatch)
 
 
-def federate(cfg, out: Path, fail=frozenset()):
-    n = cfg.data.partition.num_clients
-    return run_federation(InProcessGrid(client_app, n, fail=fail), cfg, out)
+def federate(cfg, out: Path):
+    return run_federation(InProcessGrid(client_app, cfg.data.partition.num_clients), cfg, out)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -113,21 +112,45 @@ def test_fedbn_server_never_holds_batchnorm_entries(tmp_path, monkeypatch):
     assert all(keys == set(policy.travel) and not keys & bn_keys for keys in seen)
 
 
-def test_failed_clients_are_counted_and_the_round_goes_on(tmp_path):
-    cfg = small_config("federation.rounds=2", "federation.min_clients=2")
-    federate(cfg, tmp_path, fail={1})
+def test_a_client_that_raises_is_counted_and_the_round_goes_on(tmp_path):
+    cfg = small_config(
+        "federation.rounds=3", "federation.min_clients=2", "faults={fail_clients: [1], rounds: [2]}"
+    )
+    federate(cfg, tmp_path)
     rows = read_csv(tmp_path / "metrics.csv")[1:]
-    assert all(int(r["clients_ok"]) == 3 and int(r["clients_failed"]) == 1 for r in rows)
-    clients = read_csv(tmp_path / "clients.csv")
-    assert {int(r["client"]) for r in clients if r["num_examples"]} == {0, 2, 3}
+    assert [(int(r["clients_ok"]), int(r["clients_failed"])) for r in rows] == [
+        (4, 0),
+        (3, 1),
+        (4, 0),
+    ]
+    round2 = [r for r in read_csv(tmp_path / "clients.csv") if r["round"] == "2"]
+    assert {int(r["client"]) for r in round2 if r["num_examples"]} == {0, 2, 3}
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
 
 
-def test_too_few_replies_stop_the_run_with_a_clear_error(tmp_path):
-    cfg = small_config("federation.rounds=3", "federation.min_clients=3")
-    with pytest.raises(TooFewRepliesError, match="round 1: 2 successful client replies"):
-        federate(cfg, tmp_path, fail={0, 1})
+def test_non_finite_updates_are_rejected_and_the_model_stays_finite(tmp_path):
+    cfg = small_config("federation.rounds=2", "faults={nan_clients: [0, 2]}")
+    summary = federate(cfg, tmp_path)
+    rows = read_csv(tmp_path / "metrics.csv")[1:]
+    assert all(int(r["clients_rejected"]) == 2 and int(r["clients_ok"]) == 2 for r in rows)
+    assert math.isfinite(summary["final"]["test_loss"])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_too_few_replies_stop_the_run_with_a_clear_error_after_a_checkpoint(tmp_path):
+    cfg = small_config(
+        "federation.rounds=3",
+        "federation.min_clients=3",
+        "faults={fail_clients: [0, 1], rounds: [2]}",
+    )
+    with pytest.raises(TooFewRepliesError, match="round 2: 2 usable client replies") as info:
+        federate(cfg, tmp_path)
+    assert "injected fault" in str(info.value)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "min_clients is 3" in summary["error"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["fedws"]["round"] == 1  # the last completed round
 
 
 def test_eval_every_skips_test_rounds_but_not_the_last(tmp_path):
@@ -171,3 +194,55 @@ def test_tensorboard_logger_when_asked(tmp_path):
     federate(cfg, tmp_path)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "metrics.csv").is_file()  # the CSV logger stays on
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.norm=ws_gn", "federation.strategy=fedavg"),
+        ("model.norm=bn", "federation.strategy=fedbn"),  # client-side state across the break
+        ("model.norm=gn", "federation.strategy=fedadam"),
+        ("model.norm=gn", "federation.strategy=fedavg", "federation.fraction_train=0.5"),
+    ],
+)
+def test_resume_after_an_interruption_gives_the_uninterrupted_run(tmp_path, overrides):
+    cfg = small_config("federation.rounds=4", *overrides)
+    federate(cfg, tmp_path / "whole")
+
+    def stop_after_round_2(row):
+        if row["round"] == 2:
+            raise Interrupted
+
+    grid = InProcessGrid(client_app, cfg.data.partition.num_clients)
+    with pytest.raises(Interrupted):
+        run_federation(grid, cfg, tmp_path / "cut", progress=stop_after_round_2)
+    assert len(read_csv(tmp_path / "cut" / "metrics.csv")) == 3
+    fresh_grid = InProcessGrid(client_app, cfg.data.partition.num_clients)  # new processes
+    summary = run_federation(fresh_grid, cfg, tmp_path / "cut", resume=True)
+
+    assert summary["status"] == "completed" and summary["rounds"] == 4
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert whole["state_dict"].keys() == cut["state_dict"].keys()
+    assert all(
+        torch.equal(whole["state_dict"][k], cut["state_dict"][k]) for k in whole["state_dict"]
+    )
+    a, b = (read_csv(tmp_path / d / "metrics.csv") for d in ("whole", "cut"))
+    columns = [c for c in a[0] if c != "round_s"]
+    assert [[r[c] for c in columns] for r in a] == [[r[c] for c in columns] for r in b]
+    ca, cb = (read_csv(tmp_path / d / "clients.csv") for d in ("whole", "cut"))
+    assert [r["val_accuracy"] for r in ca] == [r["val_accuracy"] for r in cb]
+
+
+def test_resume_refuses_a_different_config_or_an_empty_folder(tmp_path):
+    cfg = small_config("federation.rounds=1")
+    grid = InProcessGrid(client_app, 4)
+    with pytest.raises(ConfigError, match="no checkpoint of a fedws run"):
+        run_federation(grid, cfg, tmp_path, resume=True)
+    federate(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="config differs"):
+        run_federation(grid, small_config("federation.rounds=2", "seed=5"), tmp_path, resume=True)
