@@ -130,7 +130,7 @@ def run_floor(cfg: Config) -> dict[str, float]:
     return {
         "s_per_round": statistics.mean(times[1:]),
         "train_s_per_round": statistics.mean(train_s[1:]),
-        "startup_s": times[0] - statistics.mean(times[1:]),
+        "startup_s": max(0.0, times[0] - statistics.mean(times[1:])),
         "final_accuracy": acc,
     }
 
@@ -197,7 +197,7 @@ def run_peer(cfg: Config, workers: int) -> dict[str, float]:
             times.append(time.perf_counter() - start)
     return {
         "s_per_round": statistics.mean(times[1:]),
-        "startup_s": times[0] - statistics.mean(times[1:]),
+        "startup_s": max(0.0, times[0] - statistics.mean(times[1:])),
         "final_accuracy": acc,
     }
 
