@@ -10,6 +10,9 @@ from app.data import load_dataset
 from app.module import FedwsClassifier, tensor_loader
 from app.partition import make_shard
 
+# fits here run without a validation loader on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+
 
 def quiet_trainer(**kw) -> L.Trainer:
     return L.Trainer(
