@@ -179,6 +179,88 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fedws: usage error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from app.deploy import connection_toml, make_certs
+
+    out = Path(args.out)
+    written = make_certs(out, args.host or ["127.0.0.1", "localhost"], args.nodes)
+    print(
+        f"wrote {len(written)} files to {out}/: CA, SuperLink certificate and key, "
+        f"{args.nodes} SuperNode key pairs (supernode-<i>, supernode-<i>.pub)"
+    )
+    print("register each SuperNode's public key with the SuperLink once it runs:")
+    print(f"  flwr supernode register {out}/supernode-0.pub <connection>")
+    print("and give flwr the connection in ~/.flwr/config.toml:")
+    host = (args.host or ["127.0.0.1"])[0]
+    print(connection_toml("fedws", f"{host}:9093", out), end="")
+    return 0
+
+
+def _wait_all(procs: list) -> int:
+    """Wait for Flower processes; Ctrl-C or SIGTERM stops every one of them."""
+    import signal
+    import subprocess
+
+    def stop(*_):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(143)))
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        stop()
+        return 130
+    return max(codes, default=0)
+
+
+def cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from app.deploy import superlink_command
+
+    certs = None if args.insecure else Path(args.certs)
+    if certs is None:
+        print("fedws: warning: --insecure: no TLS and no SuperNode authentication", file=sys.stderr)
+    elif not (certs / "superlink.crt").is_file():
+        raise ConfigError("--certs", f"{certs} has no superlink.crt: run fedws deploy certs first")
+    db = Path(args.database) if args.database else None
+    command = superlink_command(certs, args.host, args.port, db)
+    print("fedws: " + " ".join(command), flush=True)
+    return _wait_all([subprocess.Popen(command)])
+
+
+def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from app.deploy import supernode_command, supernode_key
+
+    if bool(args.gpus) == bool(args.count):
+        raise ConfigError("deploy supernodes", "give either --gpus 0,1,... or --count N")
+    devices = [g.strip() for g in args.gpus.split(",")] if args.gpus else [""] * args.count
+    certs = None if args.insecure else Path(args.certs)
+    total = args.num_partitions or len(devices)
+    procs = []
+    for i, device in enumerate(devices):
+        partition = args.first_partition + i
+        if certs is not None and not supernode_key(certs, partition).is_file():
+            raise ConfigError("--certs", f"no key {supernode_key(certs, partition)}")
+        command = supernode_command(
+            args.superlink, certs, partition, partition, total, args.base_port + i, args.data_path
+        )
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device, "PL_DISABLE_FORK": "1"}
+        where = f"GPU {device}" if device else "CPU"
+        print(f"fedws: SuperNode {partition}/{total} on {where}: " + " ".join(command), flush=True)
+        procs.append(subprocess.Popen(command, env=env))
+    return _wait_all(procs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fedws",
@@ -227,6 +309,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("dir", help="a study folder written by fedws study")
     rp.set_defaults(func=cmd_report)
+
+    dep = sub.add_parser(
+        "deploy",
+        help="a secured Flower deployment: certificates, a SuperLink, SuperNodes",
+        description="Run fedws on real Flower processes: `certs`, then `superlink`, then "
+        "`supernodes` on each machine, then `flwr run . <connection>` (see README).",
+    )
+    dsub = dep.add_subparsers(dest="deploy", required=True, metavar="STEP", parser_class=_Parser)
+    c = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs")
+    c.add_argument("out", help="folder for the files")
+    c.add_argument(
+        "--host",
+        action="append",
+        help="a host name or IP the SuperLink is reached at (repeatable; the certificate's "
+        "SANs; default 127.0.0.1 and localhost)",
+    )
+    c.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs (default 2)")
+    c.set_defaults(func=cmd_deploy_certs)
+    sl = dsub.add_parser("superlink", help="start a SuperLink (TLS + SuperNode auth)")
+    sl.add_argument("--certs", default="certs", help="folder written by `deploy certs`")
+    sl.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    sl.add_argument("--port", type=int, default=9093, help="HTTPS port of its APIs (9093)")
+    sl.add_argument("--database", help="state database file (default: in memory)")
+    sl.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
+    sl.set_defaults(func=cmd_deploy_superlink)
+    sn = dsub.add_parser("supernodes", help="start SuperNodes: one per GPU, or N on CPU")
+    sn.add_argument("--superlink", default="127.0.0.1:9093", help="SuperLink host:port")
+    sn.add_argument("--certs", default="certs", help="folder written by `deploy certs`")
+    sn.add_argument("--gpus", help="comma-separated GPU ids: one SuperNode pinned to each")
+    sn.add_argument("--count", type=int, help="N SuperNodes on the CPU")
+    sn.add_argument(
+        "--first-partition", type=int, default=0, help="partition-id of the first node here"
+    )
+    sn.add_argument(
+        "--num-partitions", type=int, help="nodes in the whole federation (default: these)"
+    )
+    sn.add_argument("--data-path", help="node-local dataset folder (sets data.root per node)")
+    sn.add_argument("--base-port", type=int, default=9100, help="first local ClientApp port")
+    sn.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
+    sn.set_defaults(func=cmd_deploy_supernodes)
 
     p = sub.add_parser(
         "partitions",

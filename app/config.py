@@ -265,6 +265,7 @@ class SimulationConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     ray_num_cpus: int | None = None  # CPUs the local Ray instance may use (null: all)
+    ray_address: str | None = None  # an existing Ray cluster ("auto", "host:6379"); or RAY_ADDRESS
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")

@@ -76,6 +76,7 @@ def run(
             num_cpus=cfg.simulation.num_cpus,
             num_gpus=cfg.simulation.num_gpus,
             ray_num_cpus=cfg.simulation.ray_num_cpus,
+            ray_address=cfg.simulation.ray_address,
             verbose=verbose,
         )
     finally:

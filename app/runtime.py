@@ -8,6 +8,7 @@ The ServerApp sends the resolved YAML config in every message's ConfigRecord und
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -42,6 +43,25 @@ def partitions(data: DataConfig) -> tuple[np.ndarray, ...]:
 def shard(data: DataConfig, client: int) -> ClientShard:
     """Client ``client``'s shard, built on first use in this process and kept."""
     return make_shard(dataset(data), partitions(data)[client], client, data)
+
+
+def shard_on(data: DataConfig, client: int, device: torch.device) -> ClientShard:
+    """The shard moved to ``device`` once per process when it fits (a quarter of the free
+    device memory at most), so batches are gathered on the device instead of copied to it."""
+    local = shard(data, client)
+    if device.type == "cpu":
+        return local
+    return _moved(data, client, str(device))
+
+
+@functools.cache
+def _moved(data: DataConfig, client: int, device: str) -> ClientShard:
+    local = shard(data, client)
+    size = sum(t.numel() * t.element_size() for t in (local.x_train, local.x_val))
+    if device.startswith("cuda") and size > torch.cuda.mem_get_info(torch.device(device))[0] / 4:
+        return local  # too large: Lightning copies each batch instead
+    move = {f: getattr(local, f).to(device) for f in ("x_train", "y_train", "x_val", "y_val")}
+    return dataclasses.replace(local, **move)
 
 
 def new_module(cfg: Config, ds: ImageDataset) -> FedwsClassifier:

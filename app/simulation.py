@@ -14,13 +14,22 @@ from flwr.serverapp import ServerApp
 
 
 def backend_config(
-    num_cpus: float, num_gpus: float, ray_num_cpus: int | None = None
+    num_cpus: float,
+    num_gpus: float,
+    ray_num_cpus: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Flower's Ray backend config: each simulated client's resources, and optionally how many
-    CPUs the local Ray instance may use."""
+    """Flower's Ray backend config: each simulated client's resources; optionally how many CPUs
+    a local Ray instance may use, or the address of an existing Ray cluster to join (Ray also
+    reads ``RAY_ADDRESS`` from the environment)."""
     config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
-    if ray_num_cpus is not None:
-        config["init_args"] = {"num_cpus": ray_num_cpus}
+    init_args: dict[str, Any] = {}
+    if ray_address is not None:
+        init_args["address"] = ray_address
+    elif ray_num_cpus is not None:  # a cluster's size is its own
+        init_args["num_cpus"] = ray_num_cpus
+    if init_args:
+        config["init_args"] = init_args
     return config
 
 
@@ -30,6 +39,7 @@ def run_simulation(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     ray_num_cpus: int | None = None,
+    ray_address: str | None = None,
     verbose: bool = False,
 ) -> None:
     """Run ``server_app`` against fedws's ClientApp on ``num_clients`` simulated SuperNodes
@@ -49,7 +59,7 @@ def run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_clients,
-                backend_config=backend_config(num_cpus, num_gpus, ray_num_cpus),
+                backend_config=backend_config(num_cpus, num_gpus, ray_num_cpus, ray_address),
                 verbose_logging=verbose,
             )
     finally:

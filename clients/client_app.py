@@ -6,6 +6,7 @@ live in ``app/``. The node's shard is chosen by ``partition-id`` in its node con
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from app.runtime import (
     dataset,
     new_module,
     round_seed,
-    shard,
+    shard_on,
 )
 from app.state import StatePolicy, load_partial, select, state_policy
 
@@ -43,6 +44,9 @@ def _prepare(
     plus this node's local state (FedBN layers, BN counters) from earlier rounds."""
     quiet_lightning()
     cfg = config_from_text(str(msg.content["config"][CONFIG_KEY]))
+    if context.node_config.get("data-path"):  # a deployed node's own copy of the data
+        data = dataclasses.replace(cfg.data, root=str(context.node_config["data-path"]))
+        cfg = dataclasses.replace(cfg, data=data)
     client = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     if num_partitions != cfg.data.partition.num_clients:
@@ -50,7 +54,8 @@ def _prepare(
             f"this federation has {num_partitions} nodes but data.partition.num_clients is "
             f"{cfg.data.partition.num_clients}: they must match"
         )
-    local_shard = shard(cfg.data, client)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU Ray gave us
+    local_shard = shard_on(cfg.data, client, device)
     module = new_module(cfg, dataset(cfg.data))
     policy = state_policy(module.model, cfg.federation.strategy)
     load_partial(module.model, msg.content["arrays"].to_torch_state_dict(), policy.travel)

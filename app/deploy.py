@@ -1,0 +1,179 @@
+"""A secured Flower deployment: certificates and keys, a SuperLink, one SuperNode per GPU.
+
+Everything runs through Flower's own processes (``flower-superlink``, ``flower-supernode``) and
+CLI (``flwr supernode register``, ``flwr run``); this module only prepares their inputs:
+
+- ``make_certs``: a CA, a SuperLink certificate whose SANs are the given hosts, and one EC
+  (NIST P-384) key pair per SuperNode in OpenSSH format, the format Flower 1.42 reads for
+  SuperNode authentication; made with the ``cryptography`` library.
+- ``superlink_command`` / ``supernode_command``: Flower 1.42's flags (one HTTPS port for the
+  Fleet, Control and Runtime APIs; SuperNode auth on; runtime dependency installation off, so
+  the nodes use the installed environment).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shutil
+import sys
+from pathlib import Path
+
+CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY = "ca.crt", "superlink.crt", "superlink.key"
+
+
+def supernode_key(certs: Path, index: int) -> Path:
+    """SuperNode ``index``'s private key; ``.pub`` beside it is what the SuperLink registers."""
+    return certs / f"supernode-{index}"
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_certs(out: Path, hosts: list[str], num_supernodes: int, days: int = 365) -> list[Path]:
+    """Write the CA, the SuperLink's certificate (SANs: ``hosts``) and SuperNode key pairs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedws deployment CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    pem = serialization.Encoding.PEM
+    written = [out / CA_CERT, out / SUPERLINK_CERT, out / SUPERLINK_KEY]
+    written[0].write_bytes(ca.public_bytes(pem))
+    written[1].write_bytes(cert.public_bytes(pem))
+    _write_private(
+        written[2],
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    for i in range(num_supernodes):
+        node = ec.generate_private_key(ec.SECP384R1())
+        path = supernode_key(out, i)
+        _write_private(
+            path,
+            node.private_bytes(
+                pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        public = node.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        path.with_suffix(".pub").write_bytes(public + b"\n")
+        written += [path, path.with_suffix(".pub")]
+    return written
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def _flower_tool(name: str) -> str:
+    """Flower's executable from this environment (beside the running Python) or the PATH."""
+    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: install flwr in this environment")
+    return found
+
+
+def superlink_command(
+    certs: Path | None, host: str, port: int, database: Path | None = None
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure)."""
+    command = [_flower_tool("flower-superlink"), "--host", host, "--port", str(port)]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile",
+            str(certs / CA_CERT),
+            "--ssl-certfile",
+            str(certs / SUPERLINK_CERT),
+            "--ssl-keyfile",
+            str(certs / SUPERLINK_KEY),
+            "--enable-supernode-auth",
+        ]
+    command.append("--disable-runtime-dependency-installation")
+    if database is not None:
+        command += ["--database", str(database)]
+    return command
+
+
+def supernode_command(
+    superlink: str,
+    certs: Path | None,
+    index: int,
+    partition: int,
+    num_partitions: int,
+    port: int,
+    data_path: str | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one node: its shard (``partition-id``/``num-partitions`` or
+    its own ``data-path``), its auth key, TLS with the deployment's CA."""
+    node_config = f"partition-id={partition} num-partitions={num_partitions}"
+    if data_path:
+        node_config += f' data-path="{data_path}"'
+    command = [
+        _flower_tool("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--root-certificates",
+            str(certs / CA_CERT),
+            "--auth-supernode-private-key",
+            str(supernode_key(certs, index)),
+        ]
+    return command
+
+
+def connection_toml(name: str, address: str, certs: Path | None) -> str:
+    """The ``~/.flwr/config.toml`` block that lets ``flwr`` reach this SuperLink."""
+    lines = [f"[superlink.{name}]", f'address = "{address}"']
+    if certs is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{(certs / CA_CERT).resolve()}"')
+    return "\n".join(lines) + "\n"

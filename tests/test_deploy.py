@@ -1,0 +1,193 @@
+"""A secured deployment on 127.0.0.1 with real Flower processes: `fedws deploy certs`, a
+SuperLink with TLS and SuperNode authentication, two registered SuperNodes, `flwr run`; a
+SuperNode whose key was never registered is refused. Every process started here is stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from app.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def leftovers(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
+    certs, home, out = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "run"
+    assert main(["deploy", "certs", str(certs), "--nodes", "3"]) == 0
+    port = free_port()
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedws-test"\n\n[superlink.fedws-test]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "dataset": "synthetic",
+                    "synthetic": {"train_size": 400, "test_size": 100, "image_size": 16},
+                    "partition": {"kind": "iid", "num_clients": 2},
+                },
+                "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
+                "federation": {"rounds": 2},
+            }
+        )
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    fedws = [sys.executable, "-m", "app.cli", "deploy"]
+    files = contextlib.ExitStack()
+    logs = {
+        name: files.enter_context((tmp_path / f"{name}.log").open("w"))
+        for name in ("link", "nodes", "intruder")
+    }
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, command: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=logs[name],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        start(
+            "link",
+            [
+                *fedws,
+                "superlink",
+                "--certs",
+                str(certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+        )
+        wait_for_port(port)
+        for i in (0, 1):
+            reg = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", str(certs / f"supernode-{i}.pub")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+        start(
+            "nodes",
+            [
+                *fedws,
+                "supernodes",
+                "--certs",
+                str(certs),
+                "--count",
+                "2",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--base-port",
+                str(free_port()),
+            ],
+        )
+        intruder = start(
+            "intruder",
+            [
+                *fedws,
+                "supernodes",
+                "--certs",
+                str(certs),
+                "--count",
+                "1",
+                "--first-partition",
+                "2",
+                "--num-partitions",
+                "3",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--base-port",
+                str(free_port()),
+            ],
+        )
+        run = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                "fedws-test",
+                "--stream",
+                "--run-config",
+                f'config="{config}" out="{out}"',
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["rounds"] == 2
+        assert (out / "checkpoints" / "last.ckpt").is_file()
+
+        assert intruder.wait(timeout=120) != 0  # its key is not registered: refused
+        assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
+    finally:
+        for proc in procs:
+            stop_group(proc)
+        files.close()
+    assert leftovers(str(tmp_path)) == []
