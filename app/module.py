@@ -75,6 +75,11 @@ class FedwsClassifier(L.LightningModule):
         """Snapshot the current parameters as the proximal anchor (call after loading them)."""
         self._global_params = [p.detach().clone() for p in self.model.parameters()]
 
+    def on_fit_start(self) -> None:
+        # the anchor goes to the training device once, not with every step
+        if self._global_params is not None:
+            self._global_params = [g.to(self.device) for g in self._global_params]
+
     def proximal_term(self) -> torch.Tensor:
         if self._global_params is None:
             return torch.zeros((), device=self.device)
