@@ -1,6 +1,13 @@
-"""Small synthetic configs so unit tests stay fast and offline."""
+"""Test helpers: small synthetic configs, an in-process Grid, and process clean-up for the
+tests that start real Flower processes."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
 
 from app.config import Config, apply_overrides, build
 
@@ -62,3 +69,44 @@ def set_task_identity(monkeypatch) -> None:
 
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def pids_with(*markers: str) -> list[int]:
+    """PIDs of the processes whose command line contains every one of ``markers``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if all(m.encode() in cmdline for m in markers):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, group = stat.rsplit(")", 1)[1].split()[:3]
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def stop_process_group(pgid: int, grace_s: float = 15) -> None:
+    """SIGTERM every process of group ``pgid``; SIGKILL what still runs after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)

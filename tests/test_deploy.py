@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
+from helpers import pids_with, stop_process_group
 
 from app.cli import main
 
@@ -36,29 +36,6 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-
-
-def leftovers(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
@@ -187,7 +164,8 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
         assert intruder.wait(timeout=120) != 0  # its key is not registered: refused
         assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
     finally:
-        for proc in procs:
-            stop_group(proc)
+        for proc in procs:  # each started in its own session: pgid == pid
+            stop_process_group(proc.pid)
+            proc.wait(timeout=20)
         files.close()
-    assert leftovers(str(tmp_path)) == []
+    assert pids_with(str(tmp_path)) == []

@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from helpers import pids_with, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def superlinks_of(flwr_home: Path) -> list[int]:
     """PIDs of the detached local SuperLinks that `flwr run` started under ``flwr_home``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "flower-superlink" in cmdline and str(flwr_home) in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(os.getpgid(pid), sig)
-
-
-def stop(pids: list[int]) -> None:
-    for pid in pids:
-        _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        _signal_group(pid, signal.SIGKILL)
+    return pids_with("flower-superlink", str(flwr_home))
 
 
 def test_flwr_run_dot_runs_the_federation(tmp_path):
@@ -89,7 +62,8 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
             timeout=400,
         )
     finally:
-        stop(superlinks_of(home))
+        for pid in superlinks_of(home):  # detached: each leads its own process group
+            stop_process_group(os.getpgid(pid))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
