@@ -172,6 +172,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from app.diagnose import write_diagnostics
+
+    run = Path(args.dir)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(
+            str(run), "not a run directory (no config.yaml): give the -o of fedws run"
+        )
+    print(f"wrote {write_diagnostics(run)}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line (exit code 2) like every other fedws error."""
 
@@ -309,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("dir", help="a study folder written by fedws study")
     rp.set_defaults(func=cmd_report)
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="explain a run: client drift, BN-statistics divergence, recalibration",
+        description="Write RUN_DIR/diagnostics.md and RUN_DIR/figures/diag_*.png from the "
+        "run's diagnostics.csv and metrics.csv.",
+    )
+    dg.add_argument("dir", metavar="RUN_DIR", help="a run directory written by fedws run")
+    dg.set_defaults(func=cmd_diagnose)
 
     dep = sub.add_parser(
         "deploy",

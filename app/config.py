@@ -253,9 +253,19 @@ class FederationConfig:
 class ServerConfig:
     eval_every: int = 1  # evaluate the global model on the test split every N rounds (and last)
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
+    diagnostics: bool = True  # drift, update agreement, BN statistics -> OUT/diagnostics.csv
+    gap_samples: int = 2048  # test samples whose BN-layer statistics the gap is measured on
+    bn_recalibration: bool = False  # re-estimate BN statistics on server data before testing
+    calibration_samples: int = 1024  # training samples the server holds for recalibration
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        _check(self.gap_samples >= 1, "gap_samples", f"must be >= 1, got {self.gap_samples}")
+        _check(
+            self.calibration_samples >= 1,
+            "calibration_samples",
+            f"must be >= 1, got {self.calibration_samples}",
+        )
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,46 @@ def client_spread(values: dict[str, list[float]], path: Path, title: str) -> Pat
     return _save(fig, path)
 
 
+Series = dict[str, list[tuple[float, float]]]  # line label -> (x, y) points
+
+
+def line_panels(
+    panels: dict[str, Series],
+    path: Path,
+    xlabel: str = "round",
+    log_y: tuple[str, ...] = (),
+    categories: list[str] | None = None,
+) -> Path:
+    """One panel per title, one line per label; ``log_y`` names the panels on a log scale.
+    With ``categories``, x values are indices into it (tick labels)."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items(), strict=False):
+        for label, points in series.items():
+            points = sorted(p for p in points if np.isfinite(p[1]))
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=label, marker=".", markersize=4)
+        if title in log_y and any(p[1] > 0 for s in series.values() for p in s):
+            ax.set_yscale("log")
+        if categories is not None:
+            ax.set_xticks(range(len(categories)), categories)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if 1 < len(series) <= 8:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)

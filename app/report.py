@@ -114,10 +114,13 @@ def _load_cell(out: Path, cid: str, axes: dict[str, Any], study_axes: list[str])
                 client_acc.append(acc)
 
     def label(key: str) -> str:
-        return axis_label(axes[key]) if key in axes else axis_label(_resolved(cfg, key))
+        value = axes[key] if key in axes else _resolved(cfg, key)
+        if isinstance(value, bool):  # a switch: named when on, left out when off
+            return key.split(".")[-1] if value else ""
+        return axis_label(value)
 
     row_keys = [k for k in study_axes if k not in (PARTITION_KEY, SEED_KEY)]
-    row = ", ".join(label(k) for k in row_keys) or (cfg.model.norm if cfg else cid)
+    row = ", ".join(filter(None, (label(k) for k in row_keys))) or (cfg.model.norm if cfg else cid)
     column = label(PARTITION_KEY) if PARTITION_KEY in study_axes else "all"
     return CellResult(cid, axes, cfg, summary, curve, client_acc, row, column)
 
@@ -184,9 +187,9 @@ def _client_mean(cell: CellResult) -> float:
     return float(np.mean(cell.client_acc)) if cell.client_acc else math.nan
 
 
-def accuracy_table(cells: list[CellResult], value=_final) -> str:
+def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> str:
     """Markdown: rows x columns of mean +- std (over seeds) of ``value`` (default: the final
-    global test accuracy), the best of each column in bold."""
+    global test accuracy), the best of each column in bold (with ``bold``)."""
     done = [c for c in cells if c.completed and not math.isnan(value(c))]
     rows, cols = _ordered(c.row for c in cells), _ordered(c.column for c in cells)
     acc: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -204,9 +207,98 @@ def accuracy_table(cells: list[CellResult], value=_final) -> str:
                 continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             text = f"{np.mean(values):.4f} ± {std:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-            cells_md.append(f"**{text}**" if means[(row, col)] == best[col] else text)
+            top = bold and means[(row, col)] == best[col]
+            cells_md.append(f"**{text}**" if top else text)
         lines.append(f"| {row} | " + " | ".join(cells_md) + " |")
     return "\n".join(lines)
+
+
+# The "Why" section: (quantity, which summary value, what the table shows), see app.diagnostics.
+WHY = (
+    (
+        "update_cosine",
+        "mean",
+        "Update agreement: mean pairwise cosine of the client updates, "
+        "mean over rounds (1: clients pull the same way).",
+    ),
+    (
+        "drift_spread",
+        "mean",
+        "Client disagreement: mean ‖w_k - mean_j w_j‖ / ‖w_prev‖, mean over rounds.",
+    ),
+    (
+        "bn_divergence",
+        "mean",
+        "BN-statistics divergence: symmetric KL between each client's BN "
+        "running statistics and the aggregated ones, mean over channels, clients, layers and "
+        "rounds (only where BN statistics travel).",
+    ),
+    (
+        "bn_test_gap",
+        "final",
+        "Train/test statistics gap of the final global model: symmetric KL "
+        "between its BN running statistics and the batch statistics of the test data, mean over "
+        "layers (before any recalibration).",
+    ),
+)
+
+
+def _diagnostic(quantity: str, which: str):
+    def value(cell: CellResult) -> float:
+        entry = (cell.summary.get("diagnostics") or {}).get(quantity) or {}
+        return float(entry.get(which, math.nan))
+
+    return value
+
+
+def why_section(out: Path, cells: list[CellResult], figures: Path) -> list[str]:
+    """Markdown of the diagnostics next to the accuracy table, and a figure of each against
+    heterogeneity; empty when no cell recorded diagnostics."""
+    from app import plots
+
+    done = [c for c in cells if c.completed and c.summary.get("diagnostics")]
+    if not done:
+        return []
+    cols = _ordered(c.column for c in cells)
+    md = [
+        "## Why: what the federation did to the models",
+        "",
+        "Per-run diagnostics (`diagnostics.csv` in each run; `fedws diagnose RUN_DIR` plots "
+        "them). Strong label skew shows as low update agreement, high client disagreement "
+        "and, for BatchNorm, diverging client statistics and a global model whose running "
+        "statistics do not match what the test data produce.",
+        "",
+    ]
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for quantity, which, text in WHY:
+        value = _diagnostic(quantity, which)
+        if all(math.isnan(value(c)) for c in done):
+            continue
+        md += [f"{text}", "", accuracy_table(done, value, bold=False), ""]
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in _ordered(c.row for c in done):
+            for i, col in enumerate(cols):
+                values = [value(c) for c in done if c.row == row and c.column == col]
+                values = [v for v in values if not math.isnan(v)]
+                if values:
+                    series.setdefault(row, []).append((i, float(np.mean(values))))
+        panels[f"{quantity} ({which})"] = series
+    if panels:
+        log_y = tuple(t for t in panels if t.startswith("bn_"))
+        png = plots.line_panels(
+            panels, figures / "why_vs_heterogeneity.png", "partition", log_y, categories=cols
+        )
+        md += [f"![diagnostics vs heterogeneity]({png.relative_to(out)})", ""]
+    from app.diagnose import write_diagnostics
+
+    links = []
+    for c in done:
+        run = out / "runs" / c.id
+        if (run / "diagnostics.csv").is_file():
+            links.append(f"[{c.row}, {c.column}]({write_diagnostics(run).relative_to(out)})")
+    if links:
+        md += ["Per run: " + " · ".join(links), ""]
+    return md
 
 
 def settings_line(cells: list[CellResult], axes: list[str]) -> str:
@@ -287,6 +379,7 @@ def write_report(out: Path) -> Path:
         accuracy_table(cells, _client_mean),
         "",
     ]
+    md += why_section(out, cells, figures)
     if done:
         curves = plots.accuracy_curves(
             {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},

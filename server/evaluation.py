@@ -1,4 +1,11 @@
-"""Server-side evaluation of the global model with Lightning, and its checkpoints."""
+"""Server-side evaluation of the global model with Lightning, and its checkpoints.
+
+Besides accuracy and loss, an evaluation measures the BN train/test statistics gap
+(``app.diagnostics``) and, with ``server.bn_recalibration``, tests the model a second time with
+its BN statistics re-estimated on a server-held calibration sample of the training split (never
+the test split). Recalibration is for evaluation only: the model sent to the clients and the
+checkpoints keep the aggregated statistics.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import lightning
 import torch
 from flwr.app import ArrayRecord
 
+from app import diagnostics
 from app.config import Config
 from app.data import ImageDataset
 from app.module import FedwsClassifier, make_trainer, tensor_loader
@@ -24,6 +32,17 @@ class GlobalEvaluator:
     ) -> None:
         self.cfg, self.module, self.policy = cfg, module, policy
         self.loader = tensor_loader(ds.normalize(ds.x_test), ds.y_test, cfg.train.eval_batch_size)
+        batch, server = cfg.train.eval_batch_size, cfg.server
+        self.has_bn = bool(diagnostics.bn_layers(module.model))
+        self.gap_batches = diagnostics.batches_of(
+            ds.normalize(ds.x_test[: server.gap_samples]), batch
+        )
+        self.calibration_idx = diagnostics.calibration_indices(
+            len(ds.x_train), server.calibration_samples, cfg.seed
+        )
+        self.calibration = diagnostics.batches_of(
+            ds.normalize(ds.x_train[torch.from_numpy(self.calibration_idx)]), batch
+        )
 
     def load(self, arrays: ArrayRecord) -> None:
         load_partial(self.module.model, arrays.to_torch_state_dict(), self.policy.travel)
@@ -35,6 +54,25 @@ class GlobalEvaluator:
             "test_accuracy": float(metrics["test_acc"]),
             "test_loss": float(metrics["test_loss"]),
         }
+
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """``test()``, with recalibrated BN statistics when configured, and the diagnostics
+        rows: the BN statistics gap before (and after) recalibration, the test accuracy and
+        loss without recalibration."""
+        server, model = self.cfg.server, self.module.model
+        diagnose = server.diagnostics and self.has_bn
+        rows = diagnostics.bn_test_gap(model, self.gap_batches) if diagnose else []
+        if not (server.bn_recalibration and self.has_bn):
+            return self.test(), rows
+        raw = self.test()
+        rows += [
+            {"quantity": f"{k}_raw", "layer": diagnostics.ALL, "value": v} for k, v in raw.items()
+        ]
+        with diagnostics.recalibrated(model, self.calibration):
+            test = self.test()
+            if diagnose:
+                rows += diagnostics.bn_test_gap(model, self.gap_batches, "bn_test_gap_recalibrated")
+        return test, rows
 
     def save_checkpoint(
         self, path: Path, server_round: int, resume: dict[str, Any] | None = None

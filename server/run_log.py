@@ -4,6 +4,8 @@
 - ``metrics.csv``: a row per round (round 0 = the initial model), through Lightning's CSVLogger;
   a TensorBoardLogger under ``tensorboard/`` as well when ``server.tensorboard`` is on;
 - ``clients.csv``: a row per client per round;
+- ``diagnostics.csv``: a row per round, quantity and layer (``app.diagnostics``; ``all`` for
+  the whole model or the mean over layers);
 - ``summary.json``: final and best metrics, timings, versions;
 - ``checkpoints/last.ckpt`` (every round) and ``checkpoints/best.ckpt`` (best test accuracy).
 """
@@ -22,6 +24,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from app.config import Config, dump_config
+from app.diagnostics import summarise
 from app.errors import ConfigError
 
 METRIC_COLUMNS = (
@@ -46,6 +49,7 @@ CLIENT_COLUMNS = (
     "global_val_accuracy",
     "global_val_loss",
 )
+DIAGNOSTIC_COLUMNS = ("round", "quantity", "layer", "value")
 
 
 def versions() -> dict[str, str]:
@@ -108,10 +112,12 @@ class RunLog:
         self.cfg, self.out, self.synthetic = cfg, out, synthetic
         out.mkdir(parents=True, exist_ok=True)
         self.clients_path = out / "clients.csv"
-        kept = _rows_until(out / "metrics.csv", resume_round) if resume_round is not None else []
-        kept_clients = (
-            _rows_until(self.clients_path, resume_round) if resume_round is not None else []
-        )
+        self.diagnostics_path = out / "diagnostics.csv"
+        kept, kept_clients, self.diagnostics = [], [], []
+        if resume_round is not None:
+            kept = _rows_until(out / "metrics.csv", resume_round)
+            kept_clients = _rows_until(self.clients_path, resume_round)
+            self.diagnostics = _rows_until(self.diagnostics_path, resume_round)
         self.loggers = _loggers(cfg, out)
         with warnings.catch_warnings():  # an old run's files in OUT are replaced on purpose
             warnings.filterwarnings("ignore", message="Experiment logs directory")
@@ -122,6 +128,10 @@ class RunLog:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept_clients)
+        with open(self.diagnostics_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.diagnostics)
         self.rows = [{k: _number(r.get(k) or "0") for k in METRIC_COLUMNS} for r in kept]
         csv_logger = self.loggers[0]
         for row in self.rows:
@@ -133,8 +143,16 @@ class RunLog:
     def elapsed_s(self) -> float:
         return time.time() - self.start
 
-    def log_round(self, row: dict[str, float], clients: list[dict[str, Any]]) -> None:
+    def log_round(
+        self,
+        row: dict[str, float],
+        clients: list[dict[str, Any]],
+        diagnosed: list[dict[str, Any]] = (),
+    ) -> None:
         self.rows.append(row)
+        self.diagnostics += diagnosed
+        with open(self.diagnostics_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS).writerows(diagnosed)
         for logger in self.loggers:
             logger.log_metrics({k: row[k] for k in METRIC_COLUMNS}, step=int(row["round"]))
             logger.save()
@@ -168,6 +186,7 @@ class RunLog:
             "synthetic_data": self.synthetic,
             "model": {"arch": self.cfg.model.arch, "norm": self.cfg.model.norm},
             "strategy": self.cfg.federation.strategy,
+            "diagnostics": summarise(self.diagnostics),
             "versions": versions(),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from app import diagnostics
 from app.config import Config, dump_config, load_config
 from app.errors import ConfigError, FedwsError
 from app.module import quiet_lightning
@@ -115,6 +116,9 @@ def run_federation(
     module = new_module(cfg, ds)
     policy = state_policy(module.model, cfg.federation.strategy)
     strategy = build_strategy(cfg)
+    if cfg.server.diagnostics:
+        strategy.groups = diagnostics.layer_groups(module.model)
+        strategy.bn_layers = tuple(diagnostics.bn_layers(module.model))
     done, elapsed = 0, 0.0
     client_state = out / "checkpoints" / "clients"
     if resume:
@@ -138,7 +142,10 @@ def run_federation(
         server_round = step + done
         evaluator.load(arrays)
         due = server_round % eval_every == 0 or server_round in (0, rounds)
-        test = evaluator.test() if due else {"test_accuracy": math.nan, "test_loss": math.nan}
+        if due:
+            test, evaluation_rows = evaluator.evaluate()
+        else:
+            test, evaluation_rows = {"test_accuracy": math.nan, "test_loss": math.nan}, []
         replies = strategy.rounds.get(server_round, RoundReplies())
         now = time.perf_counter()
         row = {
@@ -152,7 +159,8 @@ def run_federation(
             "round_s": round(now - clock[0], 4) if step else 0.0,
         }
         clock[0] = now
-        log.log_round(row, _client_rows(server_round, replies))
+        diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
+        log.log_round(row, _client_rows(server_round, replies), diagnosed)
         point = {
             "random_state": _random_state(),
             "strategy": strategy.state(),

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from app import diagnostics
 from app.config import Config
 from app.errors import FedwsError
 
@@ -47,6 +48,7 @@ class RoundReplies:
     errors: list[str] = field(default_factory=list)
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # app.diagnostics rows
 
 
 def _metrics(msg: Message) -> dict[str, float]:
@@ -56,6 +58,12 @@ def _metrics(msg: Message) -> dict[str, float]:
 
 def _client(msg: Message) -> int:
     return int(_metrics(msg)["partition-id"])
+
+
+def _arrays(record: ArrayRecord | Message) -> dict[str, np.ndarray]:
+    if isinstance(record, Message):
+        record = next(iter(record.content.array_records.values()))
+    return {k: a.numpy() for k, a in record.items()}
 
 
 def _finite(msg: Message) -> bool:
@@ -71,15 +79,21 @@ class RecordingMixin:
     """Records replies into ``self.rounds`` and sorts them by client before Flower aggregates.
 
     ``round_offset`` lets a resumed run continue at round k + 1: Flower's ``start`` counts
-    from 1, the clients and the records see the true round.
+    from 1, the clients and the records see the true round. With ``groups`` set (a
+    ``layer_groups`` map), each round's record also gets the drift, update-agreement and
+    BN-statistics diagnostics of ``app.diagnostics``.
     """
 
     min_replies: int = 1
     round_offset: int = 0
     rounds: dict[int, RoundReplies]
-    _dtypes: dict[str, str]  # of the arrays sent this round
+    groups: dict[str, str] | None = None  # trainable parameter key -> layer group
+    bn_layers: tuple[str, ...] = ()
+    _sent: ArrayRecord  # the arrays sent this round
+    _dtypes: dict[str, str]  # ... and their dtypes
 
     def configure_train(self, server_round: int, arrays, config, grid):
+        self._sent = arrays
         self._dtypes = {k: a.dtype for k, a in arrays.items()}
         return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
@@ -142,7 +156,17 @@ class RecordingMixin:
             arrays = ArrayRecord(
                 {k: Array(np.asarray(a.numpy(), dtype=self._dtypes[k])) for k, a in arrays.items()}
             )
+            if self.groups is not None:
+                record.diagnostics = self._diagnose([_arrays(m) for m in ok], _arrays(arrays))
         return arrays, metrics
+
+    def _diagnose(self, clients: list[dict[str, np.ndarray]], aggregate) -> list[dict[str, Any]]:
+        sent = _arrays(self._sent)
+        rows = diagnostics.client_drift(sent, clients, self.groups)
+        cosine = diagnostics.update_cosine(sent, clients, self.groups)
+        rows.append({"quantity": "update_cosine", "layer": diagnostics.ALL, "value": cosine})
+        divergence = diagnostics.bn_divergence(clients, aggregate, list(self.bn_layers))
+        return rows + diagnostics.with_layer_mean(divergence, "bn_divergence")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
