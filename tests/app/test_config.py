@@ -86,6 +86,8 @@ MALFORMED = [
     ("data.partition=iid", "data.partition", "expected mapping"),
     ("train.precision=8-true", "train.precision", "allowed: 32-true"),
     ("federation.min_clients=11", "federation.min_clients", "must be <= data.partition"),
+    ("server.calibration_samples=0", "server.calibration_samples", "must be >= 1"),
+    ("server.bn_recalibration=maybe", "server.bn_recalibration", "expected boolean"),
 ]
 
 

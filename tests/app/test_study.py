@@ -154,6 +154,28 @@ def test_report_table_is_mean_and_std_over_seeds_with_best_in_bold(tmp_path):
         assert sum("**" in line.split(" | ")[column] for line in body) >= 1
 
 
+def test_report_explains_why_with_diagnostics_and_names_switch_axes(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            {**GRID, "extra": [{"model.norm": "bn", "server.bn_recalibration": True}]},
+        )
+    )
+    out = tmp_path / "out"
+    run_study(study, out, launch=in_process(), echo=lambda m: None)
+    report = write_report(out).read_text()
+    _, cells = load_results(out)
+    assert [c.row for c in cells if c.column == "iid"] == ["bn", "ws_gn", "bn, bn_recalibration"]
+    why = report.split("## Why")[1]
+    assert "| | iid | Dir(0.5) |" in why and "| bn, bn_recalibration |" in why
+    assert "Update agreement" in why and "BN-statistics divergence" in why
+    assert "**" not in why.split("Update agreement")[1]  # no "best" for a diagnostic
+    assert (out / "figures" / "why_vs_heterogeneity.png").stat().st_size > 1000
+    for c in cells:  # each run gets its diagnostics.md, linked from the report
+        assert f"runs/{c.id}/diagnostics.md" in why
+        assert (out / "runs" / c.id / "diagnostics.md").is_file()
+
+
 def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
     """The real path: `fedws study` runs each cell as `fedws run` (Ray), two at a time."""
     path = write_study(tmp_path, GRID)

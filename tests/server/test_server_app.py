@@ -207,6 +207,7 @@ class Interrupted(Exception):
         ("model.norm=bn", "federation.strategy=fedbn"),  # client-side state across the break
         ("model.norm=gn", "federation.strategy=fedadam"),
         ("model.norm=gn", "federation.strategy=fedavg", "federation.fraction_train=0.5"),
+        ("model.norm=bn", "server.bn_recalibration=true"),  # evaluation-only BN statistics
     ],
 )
 def test_resume_after_an_interruption_gives_the_uninterrupted_run(tmp_path, overrides):
@@ -236,6 +237,8 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_run(tmp_path, over
     assert [[r[c] for c in columns] for r in a] == [[r[c] for c in columns] for r in b]
     ca, cb = (read_csv(tmp_path / d / "clients.csv") for d in ("whole", "cut"))
     assert [r["val_accuracy"] for r in ca] == [r["val_accuracy"] for r in cb]
+    da, db = (read_csv(tmp_path / d / "diagnostics.csv") for d in ("whole", "cut"))
+    assert da == db and da
 
 
 def test_resume_refuses_a_different_config_or_an_empty_folder(tmp_path):
@@ -246,3 +249,93 @@ def test_resume_refuses_a_different_config_or_an_empty_folder(tmp_path):
     federate(cfg, tmp_path)
     with pytest.raises(ConfigError, match="config differs"):
         run_federation(grid, small_config("federation.rounds=2", "seed=5"), tmp_path, resume=True)
+
+
+def diagnostics_of(out: Path) -> dict[tuple[int, str, str], float]:
+    return {
+        (int(r["round"]), r["quantity"], r["layer"]): float(r["value"])
+        for r in read_csv(out / "diagnostics.csv")
+    }
+
+
+def quantities(rows, server_round: int) -> set[str]:
+    return {q for (r, q, _) in rows if r == server_round}
+
+
+def test_diagnostics_of_a_bn_model_under_label_skew(tmp_path):
+    skew = ("data.partition.kind=dirichlet", "data.partition.alpha=0.1")
+    cfg = small_config(
+        "federation.rounds=2", "data.partition.num_clients=3", "model.norm=bn", *skew
+    )
+    summary = federate(cfg, tmp_path)
+    rows = diagnostics_of(tmp_path)
+    assert list(read_csv(tmp_path / "diagnostics.csv")[0]) == [
+        "round",
+        "quantity",
+        "layer",
+        "value",
+    ]
+    assert quantities(rows, 0) == {"bn_test_gap"}  # nothing trained yet
+    trained = {"drift_mean", "drift_max", "drift_spread", "update_cosine", "bn_divergence"}
+    assert quantities(rows, 2) == trained | {"bn_test_gap"}
+    layers = {layer for (r, q, layer) in rows if q == "bn_divergence"}
+    assert layers == {"features.0.1", "features.1.1", "features.3.1", "features.4.1", "all"}
+    assert {g for (r, q, g) in rows if q == "drift_mean"} == {"all", "convs", "norms", "classifier"}
+    for r in (1, 2):
+        assert 0 < rows[(r, "drift_mean", "all")] <= rows[(r, "drift_max", "all")]
+        assert -1 <= rows[(r, "update_cosine", "all")] < 1
+        assert rows[(r, "bn_divergence", "all")] > 0
+    assert set(summary["diagnostics"]) == trained | {"bn_test_gap"}
+    gap = [rows[(r, "bn_test_gap", "all")] for r in (0, 1, 2)]
+    assert summary["diagnostics"]["bn_test_gap"]["final"] == pytest.approx(gap[-1], rel=1e-5)
+    assert summary["diagnostics"]["bn_test_gap"]["mean"] == pytest.approx(sum(gap[1:]) / 2, 1e-5)
+
+
+def test_fedbn_sends_no_statistics_and_ws_gn_has_no_bn_diagnostics(tmp_path):
+    fedbn = diagnostics_of_run(tmp_path / "fedbn", "model.norm=bn", "federation.strategy=fedbn")
+    assert "bn_divergence" not in quantities(fedbn, 1)
+    assert {"drift_mean", "update_cosine", "bn_test_gap"} <= quantities(fedbn, 1)
+    ws = diagnostics_of_run(tmp_path / "ws", "model.norm=ws_gn")
+    assert quantities(ws, 1) == {"drift_mean", "drift_max", "drift_spread", "update_cosine"}
+    off = diagnostics_of_run(tmp_path / "off", "model.norm=bn", "server.diagnostics=false")
+    assert off == {}
+
+
+def diagnostics_of_run(out: Path, *overrides: str):
+    federate(small_config("federation.rounds=1", "data.partition.num_clients=2", *overrides), out)
+    return diagnostics_of(out)
+
+
+def test_recalibration_changes_only_the_evaluation(tmp_path):
+    skew = ("data.partition.kind=dirichlet", "data.partition.alpha=0.1", "model.norm=bn")
+    plain = small_config("federation.rounds=2", *skew)
+    recal = small_config("federation.rounds=2", "server.bn_recalibration=true", *skew)
+    federate(plain, tmp_path / "plain")
+    federate(recal, tmp_path / "recal")
+    rows = diagnostics_of(tmp_path / "recal")
+    metrics = {d: read_csv(tmp_path / d / "metrics.csv") for d in ("plain", "recal")}
+    for r in (0, 1, 2):  # training is the same: the raw accuracy is the plain run's
+        plain_acc = float(metrics["plain"][r]["test_accuracy"])
+        assert rows[(r, "test_accuracy_raw", "all")] == pytest.approx(plain_acc, abs=1e-7)
+        assert rows[(r, "bn_test_gap_recalibrated", "all")] < rows[(r, "bn_test_gap", "all")]
+    recal_acc = [float(m["test_accuracy"]) for m in metrics["recal"]]
+    assert recal_acc != [float(m["test_accuracy"]) for m in metrics["plain"]]
+    a, b = (
+        torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for d in ("plain", "recal")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the checkpoint holds the aggregate
+
+
+def test_fedws_diagnose_writes_markdown_and_figures(tmp_path):
+    from app.cli import main
+
+    cfg = small_config("federation.rounds=2", "model.norm=bn", "server.bn_recalibration=true")
+    federate(cfg, tmp_path)
+    assert main(["diagnose", str(tmp_path)]) == 0
+    text = (tmp_path / "diagnostics.md").read_text()
+    for figure in ("diag_drift.png", "diag_bn_statistics.png", "diag_accuracy.png"):
+        assert f"figures/{figure}" in text
+        assert (tmp_path / "figures" / figure).stat().st_size > 1000
+    assert "| bn_divergence |" in text and "| test_accuracy_raw |" in text
+    assert main(["diagnose", str(tmp_path / "nothing")]) == 2
