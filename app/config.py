@@ -22,7 +22,8 @@ from app.errors import ConfigError
 from app.models import MODELS
 from app.norms import NORMS
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "imagefolder")  # natural images
 PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "quantity", "feature")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedbn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -111,11 +112,25 @@ class DataConfig:
     train_samples: int | None = None  # use a seeded random subset of the training split
     test_samples: int | None = None  # use a seeded random subset of the test split
     val_fraction: float = 0.1  # share of each client's shard held out for local validation
+    image_size: int | None = None  # imagefolder: resize every image to this square size
+    # random crop (4-pixel padding) + horizontal flip of each training batch; null: on for
+    # natural images (cifar10, cifar100, imagefolder), off for fashion_mnist and synthetic
+    augment: bool | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    @property
+    def augmented(self) -> bool:
+        """Whether training batches are augmented (``augment`` resolved by dataset)."""
+        return self.dataset in AUGMENTED_BY_DEFAULT if self.augment is None else self.augment
+
     def __post_init__(self) -> None:
         _one_of(self.dataset, DATASETS, "dataset")
+        _check(
+            self.image_size is None or self.image_size >= 8,
+            "image_size",
+            f"must be >= 8 or null, got {self.image_size}",
+        )
         for name in ("train_samples", "test_samples"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, f"must be >= 1 or null, got {value}")

@@ -1,5 +1,6 @@
 """Datasets from local disk (no network): Fashion-MNIST IDX files, CIFAR-10/100 pickle folders,
-and a deterministic synthetic dataset for tests and demos.
+image trees of class folders (``imagefolder``, see ``app.imagefolder``) and a deterministic
+synthetic dataset for tests and demos.
 
 Every loader returns an ``ImageDataset`` of uint8 tensors (N, C, H, W); ``normalize`` turns
 them into float tensors with the training split's per-channel mean and std. A dataset that is not
@@ -12,8 +13,10 @@ import gzip
 import math
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -61,8 +64,21 @@ class ImageDataset:
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std of the training split, in [0, 1] units."""
-        x = self.x_train.to(torch.float64) / 255.0
-        return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+        return self._channel_stats
+
+    @cached_property
+    def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # exact, from each channel's histogram of the 256 uint8 values: no float copy
+        values = torch.arange(256, dtype=torch.float64) / 255.0
+        means, stds = [], []
+        for c in range(self.in_channels):
+            hist = torch.bincount(self.x_train[:, c].reshape(-1).long(), minlength=256).double()
+            n = hist.sum()
+            mean = (hist * values).sum() / n
+            var = (hist * (values - mean) ** 2).sum() / max(n - 1, 1)
+            means.append(mean)
+            stds.append(var.sqrt())
+        return torch.stack(means).float(), torch.stack(stds).float()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float32 standardized with the training split's statistics."""
@@ -265,6 +281,44 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> ImageDataset:
     )
 
 
+# --- image folders ---------------------------------------------------------------------------
+
+
+def _has_splits(path: Path) -> bool:
+    """A zip file, or a folder with ``train/`` directly or in its single subfolder."""
+    if path.is_file():
+        return path.suffix.lower() == ".zip"
+    if not path.is_dir():
+        return False
+    if (path / "train").is_dir():
+        return True
+    subdirs = [p for p in path.iterdir() if p.is_dir()]
+    return len(subdirs) == 1 and (subdirs[0] / "train").is_dir()
+
+
+def _notice(message: str) -> None:
+    print(f"fedws: {message}", file=sys.stderr, flush=True)
+
+
+def load_image_folder(root: str | None, image_size: int | None = None) -> ImageDataset:
+    """``data.root`` (or ``$FEDWS_DATA``): a folder or a zip of ``train/<class>/*`` and
+    ``test/<class>/*``; decoded once, then read from the cache (``app.imagefolder``)."""
+    from app.imagefolder import load_imagefolder
+
+    candidates = _search_roots(root)
+    for path in candidates:
+        if _has_splits(path):
+            arrays, classes, cache = load_imagefolder(path, image_size, _notice)
+            source = f"{path} (decoded images cached in {cache})"
+            return ImageDataset("imagefolder", classes=classes, source=source, **arrays)
+    tried = ", ".join(str(p) for p in candidates) or "(none: data.root is not set)"
+    raise DatasetNotFoundError(
+        f"dataset 'imagefolder' not found; tried: {tried}. Set data.root (--set data.root=PATH) "
+        "or FEDWS_DATA to a folder or a .zip holding train/<class>/<image> and "
+        "test/<class>/<image>."
+    )
+
+
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Load ``cfg.dataset`` from local disk (or generate it), subsampled as configured.
 
@@ -275,6 +329,8 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         ds = load_fashion_mnist(cfg.root)
     elif cfg.dataset in ("cifar10", "cifar100"):
         ds = load_cifar(cfg.dataset, cfg.root)
+    elif cfg.dataset == "imagefolder":
+        ds = load_image_folder(cfg.root, cfg.image_size)
     else:
         ds = make_synthetic(cfg.synthetic, seed)
     return ds.subsample(cfg.train_samples, cfg.test_samples, seed)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from torchmetrics.classification import MulticlassAccuracy
 
+from app.augment import random_crop_flip
 from app.config import Config
 from app.models import build_model
 
@@ -27,6 +28,7 @@ class FedwsClassifier(L.LightningModule):
 
     ``proximal_mu > 0`` adds FedProx's proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020,
     arXiv 1812.06127) once ``set_global_weights`` has given it the round's global weights.
+    ``augment`` crops and flips each training batch (``app.augment``), never an evaluation one.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class FedwsClassifier(L.LightningModule):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         proximal_mu: float = 0.0,
+        augment: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +69,7 @@ class FedwsClassifier(L.LightningModule):
             nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
             proximal_mu=mu,
+            augment=cfg.data.augmented,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +92,13 @@ class FedwsClassifier(L.LightningModule):
             for p, g in zip(self.model.parameters(), self._global_params, strict=True)
         ]
         return 0.5 * self.hparams.proximal_mu * torch.stack(sq).sum()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """``augment``: random crop + flip of each training batch, on its device."""
+        if self.hparams.get("augment") and self.trainer.training:
+            x, y = batch
+            batch = (random_crop_flip(x), y)
+        return batch
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch

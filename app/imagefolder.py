@@ -1,0 +1,240 @@
+"""Your own images: a folder, or a ``.zip``, of ``train/<class>/*`` and ``test/<class>/*``.
+
+Class folder names, sorted, are the labels (the training split's classes; the test split may
+lack a class but not add one). JPEG and PNG files are decoded once with Pillow (in threads:
+its decoders release the GIL) into uint8 arrays and cached in ``$FEDWS_CACHE`` (default
+``~/.cache/fedws``) under a key made of the source's path, size and modification time (for a
+folder: its image files' count, total size and latest modification time) and
+``data.image_size``: the second load reads one ``.npz`` file, and a changed source is decoded
+again. Grayscale images stay one channel unless the tree mixes them with colour images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from app.errors import DataError
+
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDWS_CACHE") or "~/.cache/fedws").expanduser()
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    split: str
+    label: str
+    name: str  # path inside the source (a zip member name or a path relative to the folder)
+
+
+@dataclass(frozen=True)
+class Source:
+    """An image tree: where it is, its files, how to read one, and its cache fingerprint."""
+
+    path: Path
+    files: tuple[ImageFile, ...]
+    read: Callable[[str], bytes]
+    fingerprint: str
+
+
+def _tree(names: list[str]) -> tuple[str, list[tuple[str, str, str]]]:
+    """The prefix holding ``train/`` (none, or one top-level folder) and the image entries
+    (split, class, name) below it."""
+    parts = [PurePosixPath(n).parts for n in names]
+    if any(p[0] in SPLITS and len(p) > 1 for p in parts):
+        prefix = ()
+    else:
+        tops = {p[0] for p in parts if len(p) > 1}
+        if len(tops) == 1 and any(len(p) > 2 and p[1] in SPLITS for p in parts):
+            prefix = (tops.pop(),)
+        else:
+            prefix = None
+    entries = []
+    if prefix is not None:
+        k = len(prefix)
+        for name, p in zip(names, parts, strict=True):
+            if (
+                len(p) == k + 3
+                and p[:k] == prefix
+                and p[k] in SPLITS
+                and PurePosixPath(p[-1]).suffix.lower() in IMAGE_SUFFIXES
+                and not p[-1].startswith(".")
+            ):
+                entries.append((p[k], p[k + 1], name))
+    return "/".join(prefix or ()), entries
+
+
+def _class_dirs(names: list[str], prefix: str) -> dict[str, set[str]]:
+    """Every class folder of each split (also empty ones), from the entries' paths."""
+    start = len(PurePosixPath(prefix).parts) if prefix else 0
+    out: dict[str, set[str]] = {s: set() for s in SPLITS}
+    for name in names:
+        p = PurePosixPath(name).parts[start:]
+        if len(p) >= 2 and p[0] in SPLITS and (len(p) > 2 or name.endswith("/")):
+            out[p[0]].add(p[1])
+    return out
+
+
+def open_source(root: Path) -> tuple[Source, dict[str, set[str]]]:
+    """The image tree at ``root`` (a folder or a zip) and each split's class folders."""
+    if root.is_file() and zipfile.is_zipfile(root):
+        with zipfile.ZipFile(root) as zf:
+            names = zf.namelist()
+        handles = threading.local()  # one open ZipFile per decoding thread
+
+        def read(name: str) -> bytes:
+            if not hasattr(handles, "zip"):
+                handles.zip = zipfile.ZipFile(root)
+            return handles.zip.read(name)
+
+        stat = root.stat()
+        fingerprint = f"zip:{root.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    elif root.is_dir():
+        names, total, latest = [], 0, 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = Path(dirpath).relative_to(root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            names += [base + d + "/" for d in dirnames]
+            for f in filenames:
+                st = os.stat(os.path.join(dirpath, f))
+                names.append(base + f)
+                total, latest = total + st.st_size, max(latest, st.st_mtime_ns)
+        fingerprint = f"dir:{root.resolve()}:{len(names)}:{total}:{latest}"
+
+        def read(name: str) -> bytes:
+            return (root / name).read_bytes()
+    else:
+        raise DataError(f"imagefolder: {root} is neither a folder nor a zip file")
+    prefix, entries = _tree(sorted(names))
+    files = tuple(ImageFile(s, c, n) for s, c, n in entries)
+    return Source(root, files, read, fingerprint), _class_dirs(names, prefix)
+
+
+def _decode(data: bytes, name: str, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"imagefolder: cannot decode {name}: {err}") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def decode_all(source: Source, image_size: int | None, workers: int | None = None) -> list:
+    """Every file of ``source`` as a (C, H, W) uint8 array, in ``source.files`` order."""
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def one(f: ImageFile) -> np.ndarray:
+        return _decode(source.read(f.name), f"{source.path}:{f.name}", image_size)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, source.files, chunksize=64))
+
+
+def _size(array: np.ndarray) -> str:
+    return f"{array.shape[2]}x{array.shape[1]}"
+
+
+def _stack(arrays: list[np.ndarray], files: list[ImageFile]) -> np.ndarray:
+    """One (N, C, H, W) array; different sizes are an error naming two of the files."""
+    for f, a in zip(files, arrays, strict=True):
+        if a.shape[1:] != arrays[0].shape[1:]:
+            raise DataError(
+                f"imagefolder: images of different sizes ({files[0].name} is "
+                f"{_size(arrays[0])}, {f.name} is {_size(a)}); set data.image_size to "
+                "resize them all"
+            )
+    if any(a.shape[0] == 3 for a in arrays):  # grayscale mixed with colour: all colour
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    return np.stack(arrays)
+
+
+def _cache_path(source: Source, image_size: int | None) -> Path:
+    key = f"{CACHE_VERSION}|{source.fingerprint}|{image_size}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem = source.path.name.removesuffix(".zip") or "images"
+    return cache_dir() / f"imagefolder-{stem}-{digest}.npz"
+
+
+def _check_classes(source: Source, class_dirs: dict[str, set[str]]) -> tuple[str, ...]:
+    where = source.path
+    counts = {s: {} for s in SPLITS}
+    for f in source.files:
+        counts[f.split][f.label] = counts[f.split].get(f.label, 0) + 1
+    for split in SPLITS:
+        if not class_dirs[split] and not counts[split]:
+            raise DataError(
+                f"imagefolder: {where} has no {split}/ split: expected {split}/<class>/<image> "
+                "(JPEG or PNG), directly or inside one top-level folder"
+            )
+        empty = sorted(class_dirs[split] - set(counts[split]))
+        if empty:
+            raise DataError(
+                f"imagefolder: {where}: class folder {split}/{empty[0]} holds no JPEG or PNG image"
+            )
+    classes = tuple(sorted(counts["train"]))
+    extra = sorted(set(counts["test"]) - set(classes))
+    if extra:
+        raise DataError(
+            f"imagefolder: {where}: test class {extra[0]!r} has no training images "
+            f"(training classes: {', '.join(classes)})"
+        )
+    return classes
+
+
+def load_imagefolder(
+    root: Path, image_size: int | None = None, progress: Callable[[str], None] | None = None
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...], Path]:
+    """``{"x_train", "y_train", "x_test", "y_test"}``, the class names and the cache file."""
+    source, class_dirs = open_source(root)
+    classes = _check_classes(source, class_dirs)
+    cache = _cache_path(source, image_size)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as npz:
+                arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files if k != "classes"}
+                cached_classes = tuple(str(c) for c in npz["classes"])
+            if cached_classes == classes:
+                return arrays, classes, cache
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is rebuilt
+    if progress is not None:
+        progress(f"decoding {len(source.files)} images from {root} (cached for later runs)")
+    decoded = decode_all(source, image_size)
+    label = {c: i for i, c in enumerate(classes)}
+    arrays = {}
+    for split in SPLITS:
+        picked = [(f, a) for f, a in zip(source.files, decoded, strict=True) if f.split == split]
+        files = [f for f, _ in picked]
+        arrays[f"x_{split}"] = _stack([a for _, a in picked], files)
+        arrays[f"y_{split}"] = np.array([label[f.label] for f in files], dtype=np.int64)
+    shapes = {arrays["x_train"].shape[1:], arrays["x_test"].shape[1:]}
+    if len(shapes) > 1:
+        raise DataError(
+            f"imagefolder: {root}: train and test images differ in shape (C, H, W) "
+            f"{sorted(shapes)}; set data.image_size to resize them all"
+        )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, classes=np.array(classes), **arrays)
+    os.replace(tmp, cache)
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}, classes, cache
