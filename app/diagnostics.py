@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,51 +72,75 @@ def bn_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def _flat(arrays: Arrays, keys: list[str]) -> np.ndarray:
-    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in keys])
+@dataclass
+class UpdateSums:
+    """Squared norms summed key by key, so no flat copy of all clients' models is needed:
+    per group ``prev`` = ||w_prev||^2, ``drift[k]`` = ||w_k - w_prev||^2, ``spread[k]`` =
+    ||w_k - mean_j w_j||^2; ``gram[k, j]`` = <w_k - w_prev, w_j - w_prev> over all keys."""
+
+    prev: dict[str, float]
+    drift: dict[str, np.ndarray]
+    spread: dict[str, np.ndarray]
+    gram: np.ndarray
 
 
-def client_drift(sent: Arrays, clients: list[Arrays], groups: dict[str, str]) -> list[Row]:
+def update_sums(sent: Arrays, clients: list[Arrays], groups: dict[str, str]) -> UpdateSums:
+    keys = [k for k in groups if k in sent and all(k in c for c in clients)]
+    n = len(clients)
+    sums = UpdateSums({}, {}, {}, np.zeros((n, n)))
+    for key in keys:
+        prev = sent[key].astype(np.float64).ravel()
+        local = np.stack([c[key].astype(np.float64).ravel() for c in clients])
+        update, centred = local - prev, local - local.mean(axis=0)
+        for group in (ALL, groups[key]):
+            sums.prev[group] = sums.prev.get(group, 0.0) + float(prev @ prev)
+            sums.drift[group] = sums.drift.get(group, 0.0) + (update**2).sum(axis=1)
+            sums.spread[group] = sums.spread.get(group, 0.0) + (centred**2).sum(axis=1)
+        sums.gram += update @ update.T
+    return sums
+
+
+def client_drift(
+    sent: Arrays, clients: list[Arrays], groups: dict[str, str], sums: UpdateSums | None = None
+) -> list[Row]:
     """Drift rows (``drift_mean``, ``drift_max``, ``drift_spread``) for ``all`` and each group
     present, over the trainable parameters the clients sent back."""
-    keys = [k for k in groups if k in sent and all(k in c for c in clients)]
+    sums = sums or update_sums(sent, clients, groups)
     rows: list[Row] = []
-    if not clients or not keys:
-        return rows
-    by_group = {ALL: keys} | {
-        g: [k for k in keys if groups[k] == g] for g in GROUPS if any(groups[k] == g for k in keys)
-    }
-    for group, members in by_group.items():
-        prev = _flat(sent, members)
-        scale = np.linalg.norm(prev)
-        if scale == 0:
-            continue  # a group initialised to zero (NF skip gains) has no relative drift yet
-        local = np.stack([_flat(c, members) for c in clients])
-        drift = np.linalg.norm(local - prev, axis=1) / scale
-        spread = np.linalg.norm(local - local.mean(axis=0), axis=1) / scale
+    for group in (ALL, *GROUPS):
+        if not clients or sums.prev.get(group, 0.0) == 0.0:
+            continue  # absent, or initialised to zero (NF skip gains): no relative drift
+        scale = np.sqrt(sums.prev[group])
+        drift = np.sqrt(sums.drift[group]) / scale
         rows += [
             _row("drift_mean", group, drift.mean()),
             _row("drift_max", group, drift.max()),
-            _row("drift_spread", group, spread.mean()),
+            _row("drift_spread", group, (np.sqrt(sums.spread[group]) / scale).mean()),
         ]
     return rows
 
 
-def update_cosine(sent: Arrays, clients: list[Arrays], keys: Iterable[str]) -> float:
-    """Mean pairwise cosine similarity of the client updates ``w_k - w_prev`` (NaN with fewer
-    than two clients or when an update is zero)."""
-    keys = [k for k in keys if k in sent and all(k in c for c in clients)]
-    if len(clients) < 2 or not keys:
+def update_cosine(
+    sent: Arrays, clients: list[Arrays], groups: dict[str, str], sums: UpdateSums | None = None
+) -> float:
+    """Mean pairwise cosine similarity of the client updates ``w_k - w_prev`` over the
+    trainable parameters (NaN with fewer than two clients or when an update is zero)."""
+    if len(clients) < 2:
         return float("nan")
-    prev = _flat(sent, keys)
-    updates = np.stack([_flat(c, keys) - prev for c in clients])
-    norms = np.linalg.norm(updates, axis=1)
+    gram = (sums or update_sums(sent, clients, groups)).gram
+    norms = np.sqrt(np.diag(gram))
     if (norms == 0).any():
         return float("nan")
-    unit = updates / norms[:, None]
-    gram = unit @ unit.T
+    cosine = gram / np.outer(norms, norms)
     k = len(clients)
-    return float((gram.sum() - np.trace(gram)) / (k * (k - 1)))
+    return float((cosine.sum() - np.trace(cosine)) / (k * (k - 1)))
+
+
+def update_rows(sent: Arrays, clients: list[Arrays], groups: dict[str, str]) -> list[Row]:
+    """``client_drift`` rows and the ``update_cosine`` row, from one pass over the keys."""
+    sums = update_sums(sent, clients, groups)
+    cosine = update_cosine(sent, clients, groups, sums)
+    return [*client_drift(sent, clients, groups, sums), _row("update_cosine", ALL, cosine)]
 
 
 def gaussian_symmetric_kl(

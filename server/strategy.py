@@ -162,9 +162,7 @@ class RecordingMixin:
 
     def _diagnose(self, clients: list[dict[str, np.ndarray]], aggregate) -> list[dict[str, Any]]:
         sent = _arrays(self._sent)
-        rows = diagnostics.client_drift(sent, clients, self.groups)
-        cosine = diagnostics.update_cosine(sent, clients, self.groups)
-        rows.append({"quantity": "update_cosine", "layer": diagnostics.ALL, "value": cosine})
+        rows = diagnostics.update_rows(sent, clients, self.groups)
         divergence = diagnostics.bn_divergence(clients, aggregate, list(self.bn_layers))
         return rows + diagnostics.with_layer_mean(divergence, "bn_divergence")
 
