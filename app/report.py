@@ -308,7 +308,9 @@ def settings_line(cells: list[CellResult], axes: list[str]) -> str:
     seeds = len({c.config.seed for c in cells if c.config})
     d, p = cfg.data, cfg.data.partition
     parts = [
-        f"dataset {d.dataset}" + (" (SYNTHETIC)" if d.dataset == "synthetic" else ""),
+        f"dataset {d.dataset}"
+        + (" (SYNTHETIC)" if d.dataset == "synthetic" else "")
+        + (f" ({Path(d.root).name})" if d.dataset == "imagefolder" and d.root else ""),
         f"{d.train_samples or 'all'} training samples",
         f"{p.num_clients} clients",
         f"{cfg.federation.rounds} rounds",

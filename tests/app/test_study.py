@@ -200,3 +200,34 @@ def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
     for cell in ("norm-bn_partition-iid", "norm-ws_gn_partition-dirichlet-0.5"):
         for name in ("config.yaml", "metrics.csv", "clients.csv", "summary.json"):
             assert (out / "runs" / cell / name).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_and_study_is_valid(path):
+    if path.parent.name == "studies":
+        study = load_study(path)
+        assert study.cells and all(c.config.federation.rounds >= 1 for c in study.cells)
+    else:
+        load_config(path)
+
+
+def test_the_mechanism_and_cifar_cpu_studies_have_the_cells_they_promise():
+    mechanism = load_study(REPO / "configs" / "studies" / "bn_mechanism.yaml")
+    rows = {
+        (c.config.model.norm, c.config.federation.strategy, c.config.server.bn_recalibration)
+        for c in mechanism.cells
+    }
+    assert rows == {
+        ("bn", "fedavg", False),
+        ("bn", "fedavg", True),
+        ("bn", "fedbn", False),
+        ("ws_gn", "fedavg", False),
+    }
+    assert len(mechanism.cells) == 12
+    assert {c.config.data.dataset for c in mechanism.cells} == {"fashion_mnist"}
+    cifar = load_study(REPO / "configs" / "studies" / "bn_vs_ws_cifar10_cpu.yaml")
+    assert len(cifar.cells) == 12
+    assert {c.config.model.norm for c in cifar.cells} == {"bn", "gn", "ws_gn", "nf"}
+    assert all(
+        c.config.data.dataset == "imagefolder" and c.config.data.augmented for c in cifar.cells
+    )

@@ -1,0 +1,88 @@
+"""What loading an image tree and augmenting its batches cost, each against its baseline.
+
+- decode: every image of the tree with Pillow on 1 thread (baseline) vs the thread pool
+  ``app.imagefolder`` uses, and the second load that reads the cache;
+- augment: random crop + flip of 32-image batches, one image at a time in Python (what a
+  per-sample transform does, baseline) vs ``app.augment.random_crop_flip`` on the batch.
+
+All timed in this one process, side by side.
+
+    python benchmarks/imagefolder.py PATH/cifar10-jpeg-subset.zip [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from app.augment import CROP_PADDING, random_crop_flip
+from app.imagefolder import decode_all, load_imagefolder, open_source
+
+
+def per_sample_crop_flip(x: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
+    """The baseline: the same augmentation, one image at a time."""
+    out = torch.empty_like(x)
+    h, w = x.shape[2:]
+    for i, image in enumerate(x):
+        padded = F.pad(image, (padding, padding, padding, padding))
+        dy, dx = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
+        crop = padded[:, dy : dy + h, dx : dx + w]
+        out[i] = crop.flip(2) if torch.rand(()) < 0.5 else crop
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="a folder or zip of train/ and test/ classes")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    source, _ = open_source(args.source)
+    n = len(source.files)
+    threads = min(8, os.cpu_count() or 1)
+    serial = timed(lambda: decode_all(source, None, workers=1))
+    pooled = timed(lambda: decode_all(source, None, workers=threads))
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["FEDWS_CACHE"] = cache
+        first = timed(lambda: load_imagefolder(args.source))
+        second = timed(lambda: load_imagefolder(args.source))
+
+    x = torch.randn(10_240, 3, 32, 32)
+    batches = x.split(32)
+    loop = timed(lambda: [per_sample_crop_flip(b) for b in batches])
+    batched = timed(lambda: [random_crop_flip(b) for b in batches])
+
+    figures = {
+        "images": n,
+        "decode_1_thread_s": round(serial, 3),
+        f"decode_{threads}_threads_s": round(pooled, 3),
+        "decode_speedup": round(serial / pooled, 2),
+        "first_load_s": round(first, 3),
+        "cached_load_s": round(second, 3),
+        "augment_per_sample_s_per_10k": round(loop, 3),
+        "augment_batched_s_per_10k": round(batched, 3),
+        "augment_speedup": round(loop / batched, 1),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    for key, value in figures.items():
+        print(f"{key:>32}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
