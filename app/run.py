@@ -95,6 +95,9 @@ def summary_text(cfg: Config, out: Path, summary: dict[str, Any]) -> str:
         f"(round {final.get('round', '-')}), best {_fmt(best.get('test_accuracy'))} "
         f"(round {best.get('round', '-')})",
         f"  final test loss {_fmt(final.get('test_loss'))}",
-        f"  outputs: {out}/ (config.yaml, metrics.csv, clients.csv, summary.json, checkpoints/)",
+        f"  outputs: {out}/ (config.yaml, metrics.csv, clients.csv, diagnostics.csv, "
+        "summary.json, checkpoints/)",
     ]
+    if summary.get("diagnostics"):
+        lines.append(f"  why: fedws diagnose {out}")
     return "\n".join(lines)
