@@ -126,12 +126,18 @@ def line_panels(
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    # one colour and line style per label in every panel; styles keep coinciding lines visible
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    styles = {
+        label: {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i % 4]}
+        for i, label in enumerate(labels)
+    }
     for ax, (title, series) in zip(axes.flat, panels.items(), strict=False):
         for label, points in series.items():
             points = sorted(p for p in points if np.isfinite(p[1]))
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, label=label, marker=".", markersize=4)
+                ax.plot(xs, ys, label=label, marker=".", markersize=4, **styles[label])
         if title in log_y and any(p[1] > 0 for s in series.values() for p in s):
             ax.set_yscale("log")
         if categories is not None:

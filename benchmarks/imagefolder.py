@@ -1,13 +1,14 @@
 """What loading an image tree and augmenting its batches cost, each against its baseline.
 
-- decode: every image of the tree with Pillow on 1 thread (baseline) vs the thread pool
-  ``app.imagefolder`` uses, and the second load that reads the cache;
+- decode: every image of the tree with Pillow on 1 thread (baseline) vs a thread pool vs
+  ``workers=None`` (what ``app.imagefolder`` uses: threads only for large images), on the given
+  tree and on a generated tree of large JPEGs; and the second load, which reads the cache;
 - augment: random crop + flip of 32-image batches, one image at a time in Python (what a
   per-sample transform does, baseline) vs ``app.augment.random_crop_flip`` on the batch.
 
 All timed in this one process, side by side.
 
-    python benchmarks/imagefolder.py PATH/cifar10-jpeg-subset.zip [--json OUT]
+    python benchmarks/imagefolder.py PATH/cifar10-jpeg-subset.zip [--large N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,29 @@ def per_sample_crop_flip(x: torch.Tensor, padding: int = CROP_PADDING) -> torch.
     return out
 
 
+def large_tree(root: Path, n: int, size: int = 384) -> Path:
+    """``n`` smooth random JPEGs of ``size`` x ``size`` in two classes (and a small test)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n + 4):
+        split = "train" if i < n else "test"
+        folder = root / split / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size)).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def decode_times(path: Path, threads: int) -> dict[str, float]:
+    source, _ = open_source(path)
+    return {
+        "1_thread_s": round(timed(lambda: decode_all(source, None, workers=1)), 3),
+        f"{threads}_threads_s": round(timed(lambda: decode_all(source, None, workers=threads)), 3),
+        "auto_s": round(timed(lambda: decode_all(source, None)), 3),
+    }
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -47,16 +72,15 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="a folder or zip of train/ and test/ classes")
+    parser.add_argument("--large", type=int, default=400, help="large JPEGs to generate")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    source, _ = open_source(args.source)
-    n = len(source.files)
     threads = min(8, os.cpu_count() or 1)
-    serial = timed(lambda: decode_all(source, None, workers=1))
-    pooled = timed(lambda: decode_all(source, None, workers=threads))
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["FEDWS_CACHE"] = cache
+    given = decode_times(args.source, threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        large = decode_times(large_tree(Path(tmp), args.large), threads)
+        os.environ["FEDWS_CACHE"] = tmp
         first = timed(lambda: load_imagefolder(args.source))
         second = timed(lambda: load_imagefolder(args.source))
 
@@ -66,10 +90,10 @@ def main() -> None:
     batched = timed(lambda: [random_crop_flip(b) for b in batches])
 
     figures = {
-        "images": n,
-        "decode_1_thread_s": round(serial, 3),
-        f"decode_{threads}_threads_s": round(pooled, 3),
-        "decode_speedup": round(serial / pooled, 2),
+        "images": len(open_source(args.source)[0].files),
+        **{f"decode_{k}": v for k, v in given.items()},
+        f"large_{args.large}_images_384px": "",
+        **{f"large_decode_{k}": v for k, v in large.items()},
         "first_load_s": round(first, 3),
         "cached_load_s": round(second, 3),
         "augment_per_sample_s_per_10k": round(loop, 3),
