@@ -4,7 +4,7 @@ Class folder names, sorted, are the labels (the training split's classes; the te
 lack a class but not add one). JPEG and PNG files are decoded once with Pillow (large images in
 threads: its decoders release the GIL) into uint8 arrays and cached in ``$FEDWS_CACHE`` (default
 ``~/.cache/fedws``) under a key made of the source's path, size and modification time (for a
-folder: its image files' count, total size and latest modification time) and
+folder: its files' count, total size and latest modification time), the image names and
 ``data.image_size``: the second load reads one ``.npz`` file, and a changed source is decoded
 again. Grayscale images stay one channel unless the tree mixes them with colour images.
 """
@@ -74,7 +74,6 @@ def _tree(names: list[str]) -> tuple[str, list[tuple[str, str, str]]]:
                 and p[:k] == prefix
                 and p[k] in SPLITS
                 and PurePosixPath(p[-1]).suffix.lower() in IMAGE_SUFFIXES
-                and not p[-1].startswith(".")
             ):
                 entries.append((p[k], p[k + 1], name))
     return "/".join(prefix or ()), entries
@@ -121,9 +120,17 @@ def open_source(root: Path) -> tuple[Source, dict[str, set[str]]]:
             return (root / name).read_bytes()
     else:
         raise DataError(f"imagefolder: {root} is neither a folder nor a zip file")
-    prefix, entries = _tree(sorted(names))
+    # macOS zips carry __MACOSX/ resource forks; hidden files and folders are never data
+    names = sorted(n for n in names if not any(_hidden(p) for p in PurePosixPath(n).parts))
+    prefix, entries = _tree(names)
     files = tuple(ImageFile(s, c, n) for s, c, n in entries)
-    return Source(root, files, read, fingerprint), _class_dirs(names, prefix)
+    # the file names count too: a file moved to another class keeps size and time
+    listing = hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:16]
+    return Source(root, files, read, f"{fingerprint}:{listing}"), _class_dirs(names, prefix)
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
 
 
 def _decode(data: bytes, name: str, size: int | None) -> np.ndarray:

@@ -88,6 +88,16 @@ def test_a_zip_loads_the_same_with_or_without_one_top_folder(tmp_path, top):
     assert torch.equal(ds.x_train, load(tree).x_train)
 
 
+def test_macos_zip_extras_and_hidden_files_are_ignored(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    (tree / "train" / "cat" / ".hidden.png").write_bytes(b"not an image")
+    source = zip_tree(tree, tmp_path / "mac.zip")
+    with zipfile.ZipFile(source, "a") as zf:
+        zf.writestr("__MACOSX/images/train/cat/._0000.png", b"resource fork")
+        zf.writestr(".DS_Store", b"finder")
+    check_images(load(source))
+
+
 def test_jpeg_and_grayscale(tmp_path):
     ds = load(make_tree(tmp_path / "tree", suffix=".jpg", mode="L"))
     assert ds.x_train.shape == (6, 1, 8, 8)  # grayscale stays one channel
@@ -118,6 +128,10 @@ def test_the_cache_is_used_on_the_second_load_and_rebuilt_when_the_source_change
     assert len(calls) == 3
     (tree / "train" / "cat" / "0000.png").unlink()  # a folder's change is seen too
     assert len(load(tree).y_train) == 7 and len(calls) == 4
+    # a file moved to another class keeps its size and time: the listing tells
+    os.rename(tree / "train" / "dog" / "0000.png", tree / "train" / "cat" / "0000.png")
+    moved = load(tree)
+    assert len(calls) == 5 and moved.y_train.bincount().tolist() == [2, 2, 3]
 
 
 def test_mixed_sizes_are_an_error_unless_image_size_resizes_them(tmp_path):
