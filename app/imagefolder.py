@@ -148,7 +148,7 @@ def _decode(data: bytes, name: str, size: int | None) -> np.ndarray:
 
 
 PROBE = 32  # images decoded on one thread to judge whether threads pay off
-THREADED_MS = 2.0  # per image: above it, decoding (GIL released) outweighs Python overhead
+THREADED_MS = 0.5  # per image: above it, decoding (GIL released) outweighs Python overhead
 
 
 def decode_all(source: Source, image_size: int | None, workers: int | None = None) -> list:
@@ -165,9 +165,10 @@ def decode_all(source: Source, image_size: int | None, workers: int | None = Non
     files = list(source.files)
     done: list[np.ndarray] = []
     if workers is None:
+        done = [one(f) for f in files[:1]]  # not timed: the first one loads Pillow's plugins
         start = time.perf_counter()
-        done = [one(f) for f in files[:PROBE]]
-        per_image_ms = 1000 * (time.perf_counter() - start) / max(1, len(done))
+        done += [one(f) for f in files[1 : PROBE + 1]]
+        per_image_ms = 1000 * (time.perf_counter() - start) / max(1, len(done) - 1)
         workers = min(8, os.cpu_count() or 1) if per_image_ms > THREADED_MS else 1
     rest = files[len(done) :]
     if workers <= 1:
