@@ -287,17 +287,14 @@ def recalibrated(model: nn.Module, batches: Iterable[torch.Tensor]) -> Iterator[
         model.load_state_dict(saved, strict=False)
 
 
-def calibration_indices(num_train: int, size: int, seed: int) -> np.ndarray:
-    """``size`` distinct indices into the training split (sorted), drawn with ``seed``."""
-    if size > num_train:
-        size = num_train
+def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """``min(size, n)`` distinct indices into a split of ``n`` samples (sorted), drawn with
+    ``seed``: a random sample, never the first ones (image trees list their files by class)."""
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(num_train, size=size, replace=False))
+    return np.sort(rng.choice(n, size=min(size, n), replace=False))
 
 
-def batches_of(x: torch.Tensor, batch_size: int, limit: int | None = None) -> list[torch.Tensor]:
-    """``x`` in consecutive batches, the first ``limit`` samples at most."""
-    x = x if limit is None else x[:limit]
+def batches_of(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(x.split(batch_size))
 
 

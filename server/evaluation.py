@@ -34,10 +34,11 @@ class GlobalEvaluator:
         self.loader = tensor_loader(ds.normalize(ds.x_test), ds.y_test, cfg.train.eval_batch_size)
         batch, server = cfg.train.eval_batch_size, cfg.server
         self.has_bn = bool(diagnostics.bn_layers(module.model))
+        gap_idx = diagnostics.sample_indices(len(ds.x_test), server.gap_samples, cfg.seed)
         self.gap_batches = diagnostics.batches_of(
-            ds.normalize(ds.x_test[: server.gap_samples]), batch
+            ds.normalize(ds.x_test[torch.from_numpy(gap_idx)]), batch
         )
-        self.calibration_idx = diagnostics.calibration_indices(
+        self.calibration_idx = diagnostics.sample_indices(
             len(ds.x_train), server.calibration_samples, cfg.seed
         )
         self.calibration = diagnostics.batches_of(

@@ -150,7 +150,7 @@ def test_layer_groups_by_module_type():
     assert dg.bn_layers(nf) == [] and "norms" not in dg.layer_groups(nf).values()
 
 
-def test_calibration_split_is_drawn_from_training_data_never_from_test():
+def test_calibration_split_is_drawn_from_training_data_never_from_test_and_gap_from_test():
     # every image is constant at its own value: train 0..99, test 150..249
     x_train = torch.arange(100, dtype=torch.uint8)[:, None, None, None].expand(100, 1, 4, 4)
     x_test = (torch.arange(100) + 150).to(torch.uint8)[:, None, None, None].expand(100, 1, 4, 4)
@@ -164,7 +164,10 @@ def test_calibration_split_is_drawn_from_training_data_never_from_test():
         "test",
     )
     cfg = small_config(
-        "model.norm=bn", "server.calibration_samples=40", "server.bn_recalibration=true"
+        "model.norm=bn",
+        "server.calibration_samples=40",
+        "server.bn_recalibration=true",
+        "server.gap_samples=30",
     )
     module = new_module(cfg, ds)
     evaluator = GlobalEvaluator(cfg, ds, module, state_policy(module.model, "fedavg"))
@@ -175,4 +178,8 @@ def test_calibration_split_is_drawn_from_training_data_never_from_test():
     values = set(torch.round(seen * 255).int().tolist())
     assert values == set(idx.tolist())  # exactly the drawn training images
     assert not values & set(range(150, 250))  # none of the test images
-    assert dg.calibration_indices(100, 500, 0).tolist() == list(range(100))  # capped
+    gap = torch.cat(evaluator.gap_batches)[:, 0, 0, 0] * std + mean
+    gap_values = set(torch.round(gap * 255).int().tolist())
+    assert len(gap_values) == 30 and gap_values <= set(range(150, 250))  # test images only
+    assert gap_values != set(range(150, 180))  # a random sample, not the first (class-sorted)
+    assert dg.sample_indices(100, 500, 0).tolist() == list(range(100))  # capped
