@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -83,8 +84,13 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert a["fedws"]["round"] == b["fedws"]["round"] == ROUNDS
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     ra, rb = rows(whole / "metrics.csv"), rows(cut / "metrics.csv")
-    columns = [c for c in ra[0] if c != "round_s"]
+    columns = [c for c in ra[0] if c not in ("round_s", "test_loss")]
     assert [[r[c] for c in columns] for r in ra] == [[r[c] for c in columns] for r in rb]
+    # The server's test loss of the restarted process has been seen to differ in the last
+    # float32 bit (2.4e-7 at 2.19) while weights and accuracies matched exactly: compare it to
+    # a few ulps; anything a wrong resume would change moves it by far more.
+    losses = [(float(a["test_loss"]), float(b["test_loss"])) for a, b in zip(ra, rb, strict=True)]
+    assert all(a == pytest.approx(b, rel=1e-6) for a, b in losses)
     ca, cb = rows(whole / "clients.csv"), rows(cut / "clients.csv")
     keys = ("round", "client", "train_loss", "val_accuracy", "global_val_accuracy")
     assert [[r[k] for k in keys] for r in ca] == [[r[k] for k in keys] for r in cb]
