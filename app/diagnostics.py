@@ -20,7 +20,7 @@ recalibration, re-estimating the running statistics on server-held training data
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +34,7 @@ ALL = "all"
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 VAR_EPS = 1e-5  # BatchNorm's own eps: variances are compared as the layer uses them
 
-Arrays = dict[str, np.ndarray]
+Arrays = Mapping[str, np.ndarray]  # a state dict as numpy arrays (possibly read lazily)
 Row = dict[str, Any]  # {"quantity": str, "layer": str, "value": float}
 
 

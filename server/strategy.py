@@ -9,7 +9,7 @@ the same order every run (determinism).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +60,26 @@ def _client(msg: Message) -> int:
     return int(_metrics(msg)["partition-id"])
 
 
-def _arrays(record: ArrayRecord | Message) -> dict[str, np.ndarray]:
-    if isinstance(record, Message):
-        record = next(iter(record.content.array_records.values()))
-    return {k: a.numpy() for k, a in record.items()}
+class _NumpyView(Mapping):
+    """A reply's (or the sent) ``ArrayRecord`` read as numpy arrays one key at a time, so
+    diagnostics hold one layer of every client at once, never every client's whole model."""
+
+    def __init__(self, record: ArrayRecord | Message) -> None:
+        if isinstance(record, Message):
+            record = next(iter(record.content.array_records.values()))
+        self.record = record
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.record[key].numpy()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.record  # without deserializing
+
+    def __iter__(self):
+        return iter(self.record)
+
+    def __len__(self) -> int:
+        return len(self.record)
 
 
 def _finite(msg: Message) -> bool:
@@ -153,16 +169,14 @@ class RecordingMixin:
             )
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None:  # server optimizers compute in float64: keep the model's dtypes
-            arrays = ArrayRecord(
-                {k: Array(np.asarray(a.numpy(), dtype=self._dtypes[k])) for k, a in arrays.items()}
-            )
+            aggregate = {k: np.asarray(a.numpy(), dtype=self._dtypes[k]) for k, a in arrays.items()}
+            arrays = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
             if self.groups is not None:
-                record.diagnostics = self._diagnose([_arrays(m) for m in ok], _arrays(arrays))
+                record.diagnostics = self._diagnose([_NumpyView(m) for m in ok], aggregate)
         return arrays, metrics
 
-    def _diagnose(self, clients: list[dict[str, np.ndarray]], aggregate) -> list[dict[str, Any]]:
-        sent = _arrays(self._sent)
-        rows = diagnostics.update_rows(sent, clients, self.groups)
+    def _diagnose(self, clients: list[Mapping], aggregate: dict[str, np.ndarray]):
+        rows = diagnostics.update_rows(_NumpyView(self._sent), clients, self.groups)
         divergence = diagnostics.bn_divergence(clients, aggregate, list(self.bn_layers))
         return rows + diagnostics.with_layer_mean(divergence, "bn_divergence")
 
