@@ -38,7 +38,7 @@ Arrays = Mapping[str, np.ndarray]  # a state dict as numpy arrays (possibly read
 Row = dict[str, Any]  # {"quantity": str, "layer": str, "value": float}
 
 
-def _row(quantity: str, layer: str, value: float) -> Row:
+def row(quantity: str, layer: str, value: float) -> Row:
     return {"quantity": quantity, "layer": layer, "value": float(value)}
 
 
@@ -100,47 +100,38 @@ def update_sums(sent: Arrays, clients: list[Arrays], groups: dict[str, str]) -> 
     return sums
 
 
-def client_drift(
-    sent: Arrays, clients: list[Arrays], groups: dict[str, str], sums: UpdateSums | None = None
-) -> list[Row]:
+def client_drift(sums: UpdateSums) -> list[Row]:
     """Drift rows (``drift_mean``, ``drift_max``, ``drift_spread``) for ``all`` and each group
     present, over the trainable parameters the clients sent back."""
-    sums = sums or update_sums(sent, clients, groups)
     rows: list[Row] = []
     for group in (ALL, *GROUPS):
-        if not clients or sums.prev.get(group, 0.0) == 0.0:
+        if sums.prev.get(group, 0.0) == 0.0:
             continue  # absent, or initialised to zero (NF skip gains): no relative drift
         scale = np.sqrt(sums.prev[group])
         drift = np.sqrt(sums.drift[group]) / scale
         rows += [
-            _row("drift_mean", group, drift.mean()),
-            _row("drift_max", group, drift.max()),
-            _row("drift_spread", group, (np.sqrt(sums.spread[group]) / scale).mean()),
+            row("drift_mean", group, drift.mean()),
+            row("drift_max", group, drift.max()),
+            row("drift_spread", group, (np.sqrt(sums.spread[group]) / scale).mean()),
         ]
     return rows
 
 
-def update_cosine(
-    sent: Arrays, clients: list[Arrays], groups: dict[str, str], sums: UpdateSums | None = None
-) -> float:
+def update_cosine(sums: UpdateSums) -> float:
     """Mean pairwise cosine similarity of the client updates ``w_k - w_prev`` over the
     trainable parameters (NaN with fewer than two clients or when an update is zero)."""
-    if len(clients) < 2:
+    k = len(sums.gram)
+    norms = np.sqrt(np.diag(sums.gram))
+    if k < 2 or (norms == 0).any():
         return float("nan")
-    gram = (sums or update_sums(sent, clients, groups)).gram
-    norms = np.sqrt(np.diag(gram))
-    if (norms == 0).any():
-        return float("nan")
-    cosine = gram / np.outer(norms, norms)
-    k = len(clients)
+    cosine = sums.gram / np.outer(norms, norms)
     return float((cosine.sum() - np.trace(cosine)) / (k * (k - 1)))
 
 
 def update_rows(sent: Arrays, clients: list[Arrays], groups: dict[str, str]) -> list[Row]:
     """``client_drift`` rows and the ``update_cosine`` row, from one pass over the keys."""
     sums = update_sums(sent, clients, groups)
-    cosine = update_cosine(sent, clients, groups, sums)
-    return [*client_drift(sent, clients, groups, sums), _row("update_cosine", ALL, cosine)]
+    return [*client_drift(sums), row("update_cosine", ALL, update_cosine(sums))]
 
 
 def gaussian_symmetric_kl(
@@ -168,14 +159,22 @@ def bn_divergence(clients: list[Arrays], aggregate: Arrays, layers: list[str]) -
             ).mean()
             for c in clients
         ]
-        rows.append(_row("bn_divergence", layer, np.mean(values)))
+        rows.append(row("bn_divergence", layer, np.mean(values)))
     return rows
 
 
 def with_layer_mean(rows: list[Row], quantity: str) -> list[Row]:
     """``rows`` plus one ``all`` row: the mean over the layers of ``quantity``."""
     values = [r["value"] for r in rows if r["quantity"] == quantity]
-    return rows + ([_row(quantity, ALL, np.mean(values))] if values else [])
+    return rows + ([row(quantity, ALL, np.mean(values))] if values else [])
+
+
+def _forward(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Run every batch through ``model`` on the model's device (outputs unused: hooks and
+    BatchNorm's running statistics are what the callers want)."""
+    device = next(model.parameters()).device
+    for x in batches:
+        model(x.to(device))
 
 
 def _modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
@@ -202,11 +201,9 @@ def batch_statistics(
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in _modules(model, layers).items()]
     try:
-        for x in batches:
-            model(x.to(device))
+        _forward(model, batches)
     finally:
         for h in handles:
             h.remove()
@@ -235,7 +232,7 @@ def bn_test_gap(
         kl = gaussian_symmetric_kl(
             bn.running_mean.detach().cpu().numpy(), bn.running_var.detach().cpu().numpy(), mean, var
         )
-        rows.append(_row(quantity, name, kl.mean()))
+        rows.append(row(quantity, name, kl.mean()))
     return with_layer_mean(rows, quantity)
 
 
@@ -249,31 +246,26 @@ def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Re-estimate every BatchNorm layer's running statistics on ``batches`` (training-
     distribution data): reset them, then a cumulative average over the batches (momentum None),
-    with only the BN layers in train mode. Weights are untouched. Returns the batches used."""
+    with only the BN layers in train mode. Weights are untouched."""
     modules = list(_modules(model, bn_layers(model)).values())
     if not modules:
-        return 0
+        return
     was_training = model.training
     momenta = [m.momentum for m in modules]
     model.eval()
-    device = next(model.parameters()).device
     for m in modules:
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    used = 0
     try:
-        for x in batches:
-            model(x.to(device))
-            used += 1
+        _forward(model, batches)
     finally:
         for m, momentum in zip(modules, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
-    return used
 
 
 @contextmanager
@@ -292,10 +284,6 @@ def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
     ``seed``: a random sample, never the first ones (image trees list their files by class)."""
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=min(size, n), replace=False))
-
-
-def batches_of(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return list(x.split(batch_size))
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

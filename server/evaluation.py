@@ -31,19 +31,24 @@ class GlobalEvaluator:
         self, cfg: Config, ds: ImageDataset, module: FedwsClassifier, policy: StatePolicy
     ) -> None:
         self.cfg, self.module, self.policy = cfg, module, policy
-        self.loader = tensor_loader(ds.normalize(ds.x_test), ds.y_test, cfg.train.eval_batch_size)
         batch, server = cfg.train.eval_batch_size, cfg.server
-        self.has_bn = bool(diagnostics.bn_layers(module.model))
-        gap_idx = diagnostics.sample_indices(len(ds.x_test), server.gap_samples, cfg.seed)
-        self.gap_batches = diagnostics.batches_of(
-            ds.normalize(ds.x_test[torch.from_numpy(gap_idx)]), batch
-        )
-        self.calibration_idx = diagnostics.sample_indices(
-            len(ds.x_train), server.calibration_samples, cfg.seed
-        )
-        self.calibration = diagnostics.batches_of(
-            ds.normalize(ds.x_train[torch.from_numpy(self.calibration_idx)]), batch
-        )
+        x_test = ds.normalize(ds.x_test)
+        self.loader = tensor_loader(x_test, ds.y_test, batch)
+        has_bn = bool(diagnostics.bn_layers(module.model))
+        # what the BN diagnostics and recalibration use, prepared only when they will run
+        self.diagnose = server.diagnostics and has_bn
+        self.recalibrate = server.bn_recalibration and has_bn
+        self.gap_batches: list[torch.Tensor] = []
+        self.calibration: list[torch.Tensor] = []
+        if self.diagnose:
+            gap_idx = diagnostics.sample_indices(len(x_test), server.gap_samples, cfg.seed)
+            self.gap_batches = list(x_test[torch.from_numpy(gap_idx)].split(batch))
+        if self.recalibrate:
+            self.calibration_idx = diagnostics.sample_indices(
+                len(ds.x_train), server.calibration_samples, cfg.seed
+            )
+            x = ds.normalize(ds.x_train[torch.from_numpy(self.calibration_idx)])
+            self.calibration = list(x.split(batch))
 
     def load(self, arrays: ArrayRecord) -> None:
         load_partial(self.module.model, arrays.to_torch_state_dict(), self.policy.travel)
@@ -60,18 +65,15 @@ class GlobalEvaluator:
         """``test()``, with recalibrated BN statistics when configured, and the diagnostics
         rows: the BN statistics gap before (and after) recalibration, the test accuracy and
         loss without recalibration."""
-        server, model = self.cfg.server, self.module.model
-        diagnose = server.diagnostics and self.has_bn
-        rows = diagnostics.bn_test_gap(model, self.gap_batches) if diagnose else []
-        if not (server.bn_recalibration and self.has_bn):
+        model = self.module.model
+        rows = diagnostics.bn_test_gap(model, self.gap_batches) if self.diagnose else []
+        if not self.recalibrate:
             return self.test(), rows
         raw = self.test()
-        rows += [
-            {"quantity": f"{k}_raw", "layer": diagnostics.ALL, "value": v} for k, v in raw.items()
-        ]
+        rows += [diagnostics.row(f"{k}_raw", diagnostics.ALL, v) for k, v in raw.items()]
         with diagnostics.recalibrated(model, self.calibration):
             test = self.test()
-            if diagnose:
+            if self.diagnose:
                 rows += diagnostics.bn_test_gap(model, self.gap_batches, "bn_test_gap_recalibrated")
         return test, rows
 

@@ -35,8 +35,16 @@ def by_key(rows):
 SENT = arrays([3.0, 4.0], [1.0, 0.0], [0.0, 2.0])  # norms: 5, 1, 2; all: sqrt(30)
 
 
+def drift(clients):
+    return dg.client_drift(dg.update_sums(SENT, clients, GROUPS))
+
+
+def cosine(clients):
+    return dg.update_cosine(dg.update_sums(SENT, clients, GROUPS))
+
+
 def test_unchanged_clients_have_zero_drift():
-    rows = by_key(dg.client_drift(SENT, [dict(SENT), dict(SENT)], GROUPS))
+    rows = by_key(drift([dict(SENT), dict(SENT)]))
     for group in ("all", "convs", "norms", "classifier"):
         for quantity in ("drift_mean", "drift_max", "drift_spread"):
             assert rows[(quantity, group)] == 0.0
@@ -44,7 +52,7 @@ def test_unchanged_clients_have_zero_drift():
 
 def test_identical_clients_agree_and_drift_alike():
     moved = arrays([3.5, 4.0], [1.0, 0.2], [0.0, 1.0])
-    rows = by_key(dg.client_drift(SENT, [moved, dict(moved), dict(moved)], GROUPS))
+    rows = by_key(drift([moved, dict(moved), dict(moved)]))
     assert rows[("drift_spread", "all")] == pytest.approx(0.0, abs=1e-12)
     assert rows[("drift_mean", "convs")] == pytest.approx(0.5 / 5)
     assert rows[("drift_mean", "norms")] == pytest.approx(0.2 / 1)
@@ -52,13 +60,13 @@ def test_identical_clients_agree_and_drift_alike():
     expected = math.sqrt(0.5**2 + 0.2**2 + 1.0**2) / math.sqrt(30)
     assert rows[("drift_mean", "all")] == pytest.approx(expected, rel=1e-6)
     assert rows[("drift_max", "all")] == pytest.approx(expected, rel=1e-6)
-    assert dg.update_cosine(SENT, [moved, dict(moved), dict(moved)], GROUPS) == pytest.approx(1.0)
+    assert cosine([moved, dict(moved), dict(moved)]) == pytest.approx(1.0)
 
 
 def test_drift_mean_max_and_spread_of_two_clients():
     a = arrays([4.0, 4.0], [1.0, 0.0], [0.0, 2.0])  # moved by 1 in convs
     b = arrays([3.0, 1.0], [1.0, 0.0], [0.0, 2.0])  # moved by 3 in convs
-    rows = by_key(dg.client_drift(SENT, [a, b], GROUPS))
+    rows = by_key(drift([a, b]))
     assert rows[("drift_mean", "convs")] == pytest.approx((1 / 5 + 3 / 5) / 2)
     assert rows[("drift_max", "convs")] == pytest.approx(3 / 5)
     # the mean of the two is (3.5, 2.5): a is sqrt(0.25 + 2.25) away, b the same
@@ -70,10 +78,10 @@ def test_update_cosine_of_opposite_and_orthogonal_updates():
     up = arrays([4.0, 4.0], [1.0, 0.0], [0.0, 2.0])
     down = arrays([2.0, 4.0], [1.0, 0.0], [0.0, 2.0])
     side = arrays([3.0, 5.0], [1.0, 0.0], [0.0, 2.0])
-    assert dg.update_cosine(SENT, [up, down], GROUPS) == pytest.approx(-1.0)
-    assert dg.update_cosine(SENT, [up, side], GROUPS) == pytest.approx(0.0)
-    assert dg.update_cosine(SENT, [up, down, side], GROUPS) == pytest.approx(-1 / 3)
-    assert math.isnan(dg.update_cosine(SENT, [up], GROUPS))  # one client: no pair
+    assert cosine([up, down]) == pytest.approx(-1.0)
+    assert cosine([up, side]) == pytest.approx(0.0)
+    assert cosine([up, down, side]) == pytest.approx(-1 / 3)
+    assert math.isnan(cosine([up]))  # one client: no pair
 
 
 def test_symmetric_kl_of_gaussians():
