@@ -17,6 +17,7 @@ import yaml
 from app.config import build
 from app.diagnostics import ALL, GROUPS
 from app.errors import ConfigError
+from app.report import metric_curve
 
 Curves = dict[str, dict[str, list[tuple[float, float]]]]  # quantity -> layer -> (round, value)
 
@@ -44,15 +45,6 @@ def read_diagnostics(run: Path) -> Curves:
             value = float(r["value"])
             curves[r["quantity"]][r["layer"]].append((int(r["round"]), value))
     return curves
-
-
-def _metric_curve(run: Path, key: str) -> list[tuple[float, float]]:
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        points = [(int(float(r["round"])), float(r.get(key) or "nan")) for r in csv.DictReader(f)]
-    return [p for p in points if not math.isnan(p[1])]
 
 
 def _last(points: list[tuple[float, float]]) -> float:
@@ -132,7 +124,7 @@ def write_diagnostics(run: Path) -> Path:
             f"![BN statistics]({png.relative_to(run)})",
             "",
         ]
-    accuracy = {"global test accuracy": _metric_curve(run, "test_accuracy")}
+    accuracy = {"global test accuracy": metric_curve(run, "test_accuracy")}
     if "test_accuracy_raw" in curves:
         accuracy = {
             "with BN recalibration": accuracy["global test accuracy"],

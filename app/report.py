@@ -83,6 +83,12 @@ def _float(text: str | None) -> float:
         return math.nan
 
 
+def metric_curve(run: Path, key: str) -> list[tuple[int, float]]:
+    """(round, value) of ``metrics.csv`` column ``key`` where it was measured."""
+    points = [(int(r["round"]), _float(r.get(key))) for r in _read_csv(run / "metrics.csv")]
+    return [p for p in points if not math.isnan(p[1])]
+
+
 def _resolved(cfg: Config | None, key: str) -> Any:
     node: Any = cfg.to_dict() if cfg else {}
     for part in key.split("."):
@@ -98,11 +104,7 @@ def _load_cell(out: Path, cid: str, axes: dict[str, Any], study_axes: list[str])
         summary = json.loads((run / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         summary = {"status": "pending"}
-    curve = [
-        (int(r["round"]), _float(r["test_accuracy"]))
-        for r in _read_csv(run / "metrics.csv")
-        if not math.isnan(_float(r["test_accuracy"]))
-    ]
+    curve = metric_curve(run, "test_accuracy")
     clients = _read_csv(run / "clients.csv")
     last = max((int(r["round"]) for r in clients), default=None)
     client_acc = []

@@ -51,10 +51,8 @@ def zip_tree(tree: Path, path: Path, top: str | None = "images") -> Path:
     return path
 
 
-def load(root: Path, *overrides: str):
-    raw = {"data": {"dataset": "imagefolder", "root": str(root)}}
-    cfg = build(raw) if not overrides else small_config(*overrides)
-    return load_dataset(cfg.data)
+def load(root: Path):
+    return load_dataset(build({"data": {"dataset": "imagefolder", "root": str(root)}}).data)
 
 
 @pytest.fixture(autouse=True)
