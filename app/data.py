@@ -113,11 +113,11 @@ def _search_roots(root: str | None) -> list[Path]:
     return roots
 
 
-def _find_dir(
+def _find_root(
     candidates: list[Path], is_match: Callable[[Path], bool], dataset: str, how_to_get: str
 ) -> Path:
     for path in candidates:
-        if path.is_dir() and is_match(path):
+        if path.exists() and is_match(path):
             return path
     tried = ", ".join(str(p) for p in candidates) or "(none)"
     raise DatasetNotFoundError(f"dataset {dataset!r} not found; tried: {tried}. {how_to_get}")
@@ -159,7 +159,7 @@ def load_fashion_mnist(root: str | None = None) -> ImageDataset:
     candidates = []
     for base in [*_search_roots(root), FASHION_MNIST_SYSTEM_DIR]:
         candidates += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
-    folder = _find_dir(
+    folder = _find_root(
         candidates,
         lambda p: all(_idx_file(p, stem) for stem in _FMNIST_FILES.values()),
         "fashion_mnist",
@@ -218,7 +218,7 @@ def load_cifar(name: str, root: str | None = None) -> ImageDataset:
     candidates = []
     for base in _search_roots(root):
         candidates += [base, base / folder_name]
-    folder = _find_dir(
+    folder = _find_root(
         candidates,
         lambda p: (p / marker).is_file(),
         name,
@@ -305,18 +305,16 @@ def load_image_folder(root: str | None, image_size: int | None = None) -> ImageD
     ``test/<class>/*``; decoded once, then read from the cache (``app.imagefolder``)."""
     from app.imagefolder import load_imagefolder
 
-    candidates = _search_roots(root)
-    for path in candidates:
-        if _has_splits(path):
-            arrays, classes, cache = load_imagefolder(path, image_size, _notice)
-            source = f"{path} (decoded images cached in {cache})"
-            return ImageDataset("imagefolder", classes=classes, source=source, **arrays)
-    tried = ", ".join(str(p) for p in candidates) or "(none: data.root is not set)"
-    raise DatasetNotFoundError(
-        f"dataset 'imagefolder' not found; tried: {tried}. Set data.root (--set data.root=PATH) "
-        "or FEDWS_DATA to a folder or a .zip holding train/<class>/<image> and "
-        "test/<class>/<image>."
+    path = _find_root(
+        _search_roots(root),
+        _has_splits,
+        "imagefolder",
+        "Set data.root (--set data.root=PATH) or FEDWS_DATA to a folder or a .zip holding "
+        "train/<class>/<image> and test/<class>/<image>.",
     )
+    arrays, classes, cache = load_imagefolder(path, image_size, _notice)
+    source = f"{path} (decoded images cached in {cache})"
+    return ImageDataset("imagefolder", classes=classes, source=source, **arrays)
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:
