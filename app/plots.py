@@ -43,15 +43,22 @@ def label_heatmap(
     return _save(fig, path)
 
 
+def _panel_grid(n: int, max_cols: int, width: float):
+    """A figure of ``n`` panels, ``max_cols`` to a row; the unused cells of the grid hidden."""
+    plt = _pyplot()
+    cols = min(n, max_cols)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.4 * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def accuracy_curves(
     panels: dict[str, list[tuple[str, list[tuple[int, float]]]]], path: Path
 ) -> Path:
     """One panel per partition, one line per row label: the mean over seeds, a min-max band."""
-    plt = _pyplot()
-    n = len(panels)
-    cols = min(n, 4)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = _panel_grid(len(panels), max_cols=4, width=4.2)
     for ax, (title, runs) in zip(axes.flat, panels.items(), strict=False):
         by_label: dict[str, list[dict[int, float]]] = {}
         for label, curve in runs:
@@ -67,8 +74,6 @@ def accuracy_curves(
         ax.set_xlabel("round")
         ax.set_ylabel("global test accuracy")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -121,11 +126,7 @@ def line_panels(
 ) -> Path:
     """One panel per title, one line per label; ``log_y`` names the panels on a log scale.
     With ``categories``, x values are indices into it (tick labels)."""
-    plt = _pyplot()
-    n = len(panels)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = _panel_grid(len(panels), max_cols=3, width=4.4)
     # one colour and line style per label in every panel; styles keep coinciding lines visible
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
     styles = {
@@ -149,8 +150,6 @@ def line_panels(
         ax.grid(alpha=0.3)
         if 1 < len(series) <= 8:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
