@@ -235,7 +235,7 @@ def _wait_all(procs: list) -> int:
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
     import subprocess
 
-    from app.deploy import superlink_command
+    from app.deploy import flower_env, superlink_command
 
     certs = None if args.insecure else Path(args.certs)
     if certs is None:
@@ -245,13 +245,13 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
     db = Path(args.database) if args.database else None
     command = superlink_command(certs, args.host, args.port, db)
     print("fedws: " + " ".join(command), flush=True)
-    return _wait_all([subprocess.Popen(command)])
+    return _wait_all([subprocess.Popen(command, env=flower_env())])
 
 
 def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
     import subprocess
 
-    from app.deploy import supernode_command, supernode_key
+    from app.deploy import flower_env, supernode_command, supernode_key
 
     if bool(args.gpus) == bool(args.count):
         raise ConfigError("deploy supernodes", "give either --gpus 0,1,... or --count N")
@@ -266,7 +266,7 @@ def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
         command = supernode_command(
             args.superlink, certs, partition, partition, total, args.base_port + i, args.data_path
         )
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device, "PL_DISABLE_FORK": "1"}
+        env = flower_env(CUDA_VISIBLE_DEVICES=device, PL_DISABLE_FORK="1")
         where = f"GPU {device}" if device else "CPU"
         print(f"fedws: SuperNode {partition}/{total} on {where}: " + " ".join(command), flush=True)
         procs.append(subprocess.Popen(command, env=env))

@@ -18,7 +18,10 @@ import ipaddress
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+from app.errors import FedwsError
 
 CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY = "ca.crt", "superlink.crt", "superlink.key"
 
@@ -103,11 +106,33 @@ def _write_private(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
+def interpreter_bin() -> str:
+    """The folder of this Python's executables (a venv's ``bin/``, unresolved: a venv's
+    ``python`` is a symlink to the base interpreter, whose folder has no ``flower-*``)."""
+    return os.path.dirname(os.path.abspath(sys.executable))
+
+
+def flower_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """An environment for a Flower process: ``base`` (default ``os.environ``) with this
+    interpreter's ``bin/`` first on ``PATH``. Flower starts its helper processes
+    (``flower-superexec``, ``flower-superlink`` for ``flwr run``) by name from ``PATH``; with
+    this, a user never has to activate the virtual environment fedws runs from."""
+    env = dict(os.environ if base is None else base)
+    here = interpreter_bin()
+    rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != here]
+    env["PATH"] = os.pathsep.join([here, *rest])
+    env.update(extra)
+    return env
+
+
 def _flower_tool(name: str) -> str:
     """Flower's executable from this environment (beside the running Python) or the PATH."""
-    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    found = shutil.which(name, path=interpreter_bin()) or shutil.which(name)
     if found is None:
-        raise FileNotFoundError(f"{name} not found: install flwr in this environment")
+        raise FedwsError(
+            f"{name} not found beside {sys.executable} or on PATH: install fedws's "
+            "dependencies in this environment (bash scripts/setup.sh, or pip install flwr)"
+        )
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -69,6 +70,20 @@ def set_task_identity(monkeypatch) -> None:
 
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """This process's environment with every ``PATH`` folder that holds Flower's executables
+    removed (an active venv's ``bin/`` among them): a child process finds Flower only when
+    fedws puts it on its ``PATH``, as for a user who never activated the venv."""
+    env = dict(os.environ)
+    folders = env.get("PATH", os.defpath).split(os.pathsep)
+    env["PATH"] = os.pathsep.join(
+        f for f in folders if f and not shutil.which("flower-superlink", path=f)
+    )
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.update(extra)
+    return env
 
 
 def pids_with(*markers: str) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 import yaml
-from helpers import pids_with, stop_process_group
+from helpers import bare_env, pids_with, stop_process_group
 
 from app.cli import main
 
@@ -61,7 +60,9 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
             }
         )
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    # no Flower on PATH: `fedws deploy` must start Flower (and what Flower starts by name,
+    # flower-superexec) from its own environment, as for a user who never activated the venv
+    env = bare_env(FLWR_HOME=str(home))
     fedws = [sys.executable, "-m", "app.cli", "deploy"]
     files = contextlib.ExitStack()
     logs = {

@@ -1,15 +1,17 @@
-"""`flwr run .` runs the same ServerApp and ClientApp through Flower's own CLI."""
+"""`flwr run .` runs the same ServerApp and ClientApp through Flower's own CLI, called as the
+README says, from a shell that has only activated the virtual environment."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from helpers import pids_with, stop_process_group
+from helpers import bare_env, pids_with, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,27 +38,28 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
     )
     out = tmp_path / "run"
     home = tmp_path / "flwr-home"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-    flwr = str(Path(sys.executable).parent / "flwr")
+    # the README's lines: activate the venv (flwr starts flower-superlink by name from PATH),
+    # then `flwr run .`; nothing else puts Flower on PATH
+    activate = Path(sys.executable).parent / "activate"
+    flwr_run = [
+        "flwr",
+        "run",
+        ".",
+        "--run-config",
+        f'config="{config}" out="{out}" set="federation.rounds=2"',
+        "--federation-config",
+        "num-supernodes=2",
+        "--stream",
+    ]
+    script = (
+        f". {shlex.quote(str(activate))}\n"
+        "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1\n" + shlex.join(flwr_run)
+    )
     try:
         proc = subprocess.run(
-            [
-                flwr,
-                "run",
-                ".",
-                "--run-config",
-                f'config="{config}" out="{out}" set="federation.rounds=2"',
-                "--federation-config",
-                "num-supernodes=2",
-                "--stream",
-            ],
+            ["bash", "-c", script],
             cwd=REPO,
-            env=env,
+            env=bare_env(FLWR_HOME=str(home)),
             capture_output=True,
             text=True,
             timeout=400,

@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from app import deploy
+from app.cli import main
 from app.deploy import make_certs, superlink_command, supernode_command, supernode_key
+from app.errors import FedwsError
 
 
 def test_certs_have_the_hosts_as_sans_and_node_keys_flower_can_read(tmp_path):
@@ -35,3 +39,21 @@ def test_commands_turn_tls_and_node_auth_on_unless_insecure(tmp_path):
         'partition-id=3 num-partitions=8 data-path="/data/site3"'
     )
     assert node[node.index("--auth-supernode-private-key") + 1] == str(tmp_path / "supernode-3")
+
+
+def test_flower_processes_get_this_interpreters_bin_first_on_path(monkeypatch):
+    monkeypatch.setattr(deploy, "interpreter_bin", lambda: "/venv/bin")
+    env = deploy.flower_env({"PATH": "/usr/bin:/venv/bin:/bin", "KEEP": "1"}, EXTRA="x")
+    assert env["PATH"] == "/venv/bin:/usr/bin:/bin"  # first, and only once
+    assert env["KEEP"] == "1" and env["EXTRA"] == "x"
+    assert deploy.flower_env({})["PATH"].split(":")[0] == "/venv/bin"  # no PATH at all
+
+
+def test_a_missing_flower_binary_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(deploy, "interpreter_bin", lambda: str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(FedwsError, match="flower-superlink not found"):
+        deploy.superlink_command(None, "127.0.0.1", 9093)
+    assert main(["deploy", "superlink", "--insecure"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedws: error: flower-superlink not found")
