@@ -19,9 +19,12 @@ from typing import Any, Literal
 import yaml
 
 from app.errors import ConfigError
-from app.models import MODELS
-from app.norms import NORMS
 
+# The names a config may use. Plain tuples, so that reading a config never imports torch; the
+# registries (``app.nn.models.MODELS``, ``app.nn.norms``) are keyed by exactly these names
+# (a test checks they agree).
+ARCHS = ("cnn", "resnet20")
+NORMS = ("bn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "imagefolder")  # natural images
 PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "quantity", "feature")
@@ -149,7 +152,7 @@ class ModelConfig:
     gn_groups: int = 8  # upper bound on GroupNorm groups (the count used divides the channels)
 
     def __post_init__(self) -> None:
-        _one_of(self.arch, list(MODELS), "arch")
+        _one_of(self.arch, ARCHS, "arch")
         _one_of(self.norm, NORMS, "norm")
         _check(self.width is None or self.width >= 1, "width", f"must be >= 1, got {self.width}")
         _check(self.gn_groups >= 1, "gn_groups", f"must be >= 1, got {self.gn_groups}")

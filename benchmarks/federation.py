@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from app.config import Config, build
-from app.module import make_trainer, quiet_lightning, tensor_loader
-from app.runtime import dataset, new_module, partitions, round_seed, shard
+from app.learn.runtime import dataset, new_module, partitions, round_seed, shard
+from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
 
 CLIENTS, SHARD = 10, 600
 
@@ -69,7 +69,7 @@ def workload(rounds: int) -> Config:
 
 
 def run_fedws(cfg: Config, out: Path) -> dict[str, float]:
-    from app.run import run
+    from app.tools.run import run
 
     start = time.perf_counter()
     summary = run(cfg, out, progress=False)
@@ -142,7 +142,7 @@ def run_peer(cfg: Config, workers: int) -> dict[str, float]:
     import datasets
     from torch.utils.data import DataLoader
 
-    from app.module import FedwsClassifier
+    from app.learn.classifier import FedwsClassifier
 
     ds = dataset(cfg.data)
     mean, std = (t.item() for t in ds.channel_stats())

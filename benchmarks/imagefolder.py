@@ -1,10 +1,10 @@
 """What loading an image tree and augmenting its batches cost, each against its baseline.
 
 - decode: every image of the tree with Pillow on 1 thread (baseline) vs a thread pool vs
-  ``workers=None`` (what ``app.imagefolder`` uses: threads only for large images), on the given
+  ``workers=None`` (what ``app.data.imagefolder`` uses: threads only for large images), on the given
   tree and on a generated tree of large JPEGs; and the second load, which reads the cache;
 - augment: random crop + flip of 32-image batches, one image at a time in Python (what a
-  per-sample transform does, baseline) vs ``app.augment.random_crop_flip`` on the batch.
+  per-sample transform does, baseline) vs ``app.data.augment.random_crop_flip`` on the batch.
 
 All timed in this one process, side by side.
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.augment import CROP_PADDING, random_crop_flip
-from app.imagefolder import decode_all, load_imagefolder, open_source
+from app.data.augment import CROP_PADDING, random_crop_flip
+from app.data.imagefolder import decode_all, load_imagefolder, open_source
 
 
 def per_sample_crop_flip(x: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:

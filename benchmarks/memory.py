@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from app.config import build
-from app.runtime import partitions
+from app.learn.runtime import partitions
 
 
 def rss_mb(pid: int | str) -> float:
@@ -82,7 +82,7 @@ def main() -> None:
                 flush=True,
             )
 
-    from app.simulation import run_simulation
+    from app.tools.simulation import run_simulation
     from server.server_app import make_server_app
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.layers import WSConv2d
+from app.nn.layers import WSConv2d
 
 # (in channels, out channels, spatial size, batch)
 SHAPES = [

@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from app.config import Config
-from app.module import FedwsClassifier, make_trainer, quiet_lightning, tensor_loader
-from app.partition import ClientShard
-from app.runtime import (
+from app.data.partitions import ClientShard
+from app.learn.classifier import FedwsClassifier
+from app.learn.runtime import (
     CONFIG_KEY,
     STATE_DIR_KEY,
     config_from_text,
@@ -28,7 +28,8 @@ from app.runtime import (
     round_seed,
     shard_on,
 )
-from app.state import StatePolicy, load_partial, select, state_policy
+from app.learn.state import StatePolicy, load_partial, select, state_policy
+from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
 
 # Lightning's fork check can hang inside Ray actors (see Lightning issue 18640 and Flower docs)
 os.environ.setdefault("PL_DISABLE_FORK", "1")

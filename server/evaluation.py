@@ -1,9 +1,9 @@
 """Server-side evaluation of the global model with Lightning, and its checkpoints.
 
 Besides accuracy and loss, an evaluation measures the BN train/test statistics gap
-(``app.diagnostics``) and, with ``server.bn_recalibration``, tests the model a second time with
-its BN statistics re-estimated on a server-held calibration sample of the training split (never
-the test split). Recalibration is for evaluation only: the model sent to the clients and the
+(``app.learn.diagnostics``) and, with ``server.bn_recalibration``, tests the model a second time
+with its BN statistics re-estimated on a server-held calibration sample of the training split
+(never the test split). Recalibration is for evaluation only: the model sent to the clients and the
 checkpoints keep the aggregated statistics.
 """
 
@@ -17,11 +17,12 @@ import lightning
 import torch
 from flwr.app import ArrayRecord
 
-from app import diagnostics
 from app.config import Config
-from app.data import ImageDataset
-from app.module import FedwsClassifier, make_trainer, tensor_loader
-from app.state import StatePolicy, load_partial
+from app.data.datasets import ImageDataset
+from app.learn import diagnostics
+from app.learn.classifier import FedwsClassifier
+from app.learn.state import StatePolicy, load_partial
+from app.learn.trainer import make_trainer, tensor_loader
 
 
 class GlobalEvaluator:

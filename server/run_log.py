@@ -1,19 +1,19 @@
-"""The run directory (DESIGN.md's contract), written as the run goes:
+"""Writes the run directory (names and columns: ``app.rundir``) as the run goes:
 
 - ``config.yaml``: the resolved config;
 - ``metrics.csv``: a row per round (round 0 = the initial model), through Lightning's CSVLogger;
   a TensorBoardLogger under ``tensorboard/`` as well when ``server.tensorboard`` is on;
 - ``clients.csv``: a row per client per round;
-- ``diagnostics.csv``: a row per round, quantity and layer (``app.diagnostics``; ``all`` for
-  the whole model or the mean over layers);
-- ``summary.json``: final and best metrics, timings, versions;
-- ``checkpoints/last.ckpt`` (every round) and ``checkpoints/best.ckpt`` (best test accuracy).
+- ``diagnostics.csv``: a row per round, quantity and layer (``app.learn.diagnostics``; ``all``
+  for the whole model or the mean over layers);
+- ``summary.json``: final and best metrics, timings, versions.
+
+The checkpoints are the evaluator's (``server.evaluation``).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import platform
 import time
@@ -23,33 +23,11 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from app import rundir
 from app.config import Config, dump_config
-from app.diagnostics import summarise
 from app.errors import ConfigError
-
-METRIC_COLUMNS = (
-    "round",
-    "test_accuracy",
-    "test_loss",
-    "train_loss",
-    "val_accuracy",
-    "clients_ok",
-    "clients_failed",
-    "clients_rejected",
-    "round_s",
-)
-CLIENT_COLUMNS = (
-    "round",
-    "client",
-    "num_examples",
-    "train_loss",
-    "val_accuracy",
-    "val_loss",
-    "fit_s",
-    "global_val_accuracy",
-    "global_val_loss",
-)
-DIAGNOSTIC_COLUMNS = ("round", "quantity", "layer", "value")
+from app.learn.diagnostics import summarise
+from app.rundir import CLIENT_COLUMNS, DIAGNOSTIC_COLUMNS, METRIC_COLUMNS, RunDir
 
 
 def versions() -> dict[str, str]:
@@ -73,28 +51,13 @@ def _loggers(cfg: Config, out: Path) -> list[Logger]:
         try:
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(save_dir=out, name="tensorboard", version=""))
+            loggers.append(TensorBoardLogger(save_dir=out, name=rundir.TENSORBOARD, version=""))
         except ModuleNotFoundError as err:
             raise ConfigError(
                 "server.tensorboard",
                 f"needs the tensorboard package ({err}): pip install tensorboard",
             ) from None
     return loggers
-
-
-def _number(text: str) -> float:
-    """A CSV cell back to the int or float it was written from."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _rows_until(path: Path, last_round: int) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(float(r["round"])) <= last_round]
 
 
 class RunLog:
@@ -109,21 +72,21 @@ class RunLog:
         resume_round: int | None = None,
         elapsed_s: float = 0.0,
     ) -> None:
-        self.cfg, self.out, self.synthetic = cfg, out, synthetic
+        self.cfg, self.run, self.synthetic = cfg, RunDir(out), synthetic
         out.mkdir(parents=True, exist_ok=True)
-        self.clients_path = out / "clients.csv"
-        self.diagnostics_path = out / "diagnostics.csv"
+        self.clients_path = self.run.clients
+        self.diagnostics_path = self.run.diagnostics
         kept, kept_clients, self.diagnostics = [], [], []
         if resume_round is not None:
-            kept = _rows_until(out / "metrics.csv", resume_round)
-            kept_clients = _rows_until(self.clients_path, resume_round)
-            self.diagnostics = _rows_until(self.diagnostics_path, resume_round)
+            kept = rundir.rows_until(self.run.metrics, resume_round)
+            kept_clients = rundir.rows_until(self.clients_path, resume_round)
+            self.diagnostics = rundir.rows_until(self.diagnostics_path, resume_round)
         self.loggers = _loggers(cfg, out)
         with warnings.catch_warnings():  # an old run's files in OUT are replaced on purpose
             warnings.filterwarnings("ignore", message="Experiment logs directory")
             for logger in self.loggers:
                 logger.experiment  # noqa: B018 - creates the writers, clears an old metrics.csv
-        (out / "config.yaml").write_text(dump_config(cfg))
+        self.run.config.write_text(dump_config(cfg))
         with open(self.clients_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -132,7 +95,7 @@ class RunLog:
             writer = csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS)
             writer.writeheader()
             writer.writerows(self.diagnostics)
-        self.rows = [{k: _number(r.get(k) or "0") for k in METRIC_COLUMNS} for r in kept]
+        self.rows = [{k: rundir.cell_number(r.get(k) or "0") for k in METRIC_COLUMNS} for r in kept]
         csv_logger = self.loggers[0]
         for row in self.rows:
             csv_logger.log_metrics(row, step=int(row["round"]))
@@ -164,9 +127,9 @@ class RunLog:
         evaluated = [r for r in self.rows if not math.isnan(r["test_accuracy"])]
         return max(evaluated, key=lambda r: r["test_accuracy"]) if evaluated else None
 
-    def finish(self, status: str = "completed", error: str | None = None) -> dict[str, Any]:
+    def finish(self, status: str = rundir.COMPLETED, error: str | None = None) -> dict[str, Any]:
         for logger in self.loggers:
-            logger.finalize(status="success" if status == "completed" else "failed")
+            logger.finalize(status="success" if status == rundir.COMPLETED else "failed")
         last = next((r for r in reversed(self.rows) if not math.isnan(r["test_accuracy"])), None)
         best = self.best()
         trained = [r for r in self.rows if r["round"] > 0]
@@ -189,7 +152,7 @@ class RunLog:
             "diagnostics": summarise(self.diagnostics),
             "versions": versions(),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+        rundir.write_summary(self.run, summary)
         return summary
 
 

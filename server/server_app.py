@@ -25,12 +25,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from app import diagnostics
+from app import rundir
 from app.config import Config, dump_config, load_config
 from app.errors import ConfigError, FedwsError
-from app.module import quiet_lightning
-from app.runtime import CONFIG_KEY, STATE_DIR_KEY, dataset, new_module
-from app.state import select, state_policy
+from app.learn import diagnostics
+from app.learn.runtime import CONFIG_KEY, STATE_DIR_KEY, dataset, new_module
+from app.learn.state import select, state_policy
+from app.learn.trainer import quiet_lightning
+from app.rundir import RunDir
 from server.evaluation import GlobalEvaluator
 from server.run_log import RunLog
 from server.strategy import RoundReplies, build_strategy
@@ -75,7 +77,7 @@ def _set_random_state(state: dict[str, Any]) -> None:
 
 def read_checkpoint(out: Path) -> dict[str, Any] | None:
     """The last round's checkpoint of a run directory, loaded with ``weights_only=True``."""
-    path = out / "checkpoints" / "last.ckpt"
+    path = RunDir(out).last_checkpoint
     if not path.is_file():
         return None
     try:
@@ -89,7 +91,7 @@ def resume_point(cfg: Config, out: Path) -> dict[str, Any]:
     checkpoint = read_checkpoint(out)
     if checkpoint is None or not (checkpoint.get("fedws") or {}).get("resume"):
         raise ConfigError("--resume", f"{out} holds no checkpoint of a fedws run to resume")
-    saved = load_config(out / "config.yaml")
+    saved = load_config(RunDir(out).config)
     if saved != cfg:
         raise ConfigError(
             "--resume", f"the config differs from the one of the run in {out}; resume with it"
@@ -120,7 +122,8 @@ def run_federation(
         strategy.groups = diagnostics.layer_groups(module.model)
         strategy.bn_layers = tuple(diagnostics.bn_layers(module.model))
     done, elapsed = 0, 0.0
-    client_state = out / "checkpoints" / "clients"
+    run = RunDir(out)
+    client_state = run.client_state
     if resume:
         checkpoint = resume_point(cfg, out)
         done, point = checkpoint["fedws"]["round"], checkpoint["fedws"]["resume"]
@@ -133,7 +136,6 @@ def run_federation(
     evaluator = GlobalEvaluator(cfg, ds, module, policy)
     log = RunLog(cfg, out, ds.synthetic, resume_round=done if resume else None, elapsed_s=elapsed)
     rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
-    checkpoints = out / "checkpoints"
     clock = [time.perf_counter()]
 
     def evaluate_fn(step: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -166,9 +168,9 @@ def run_federation(
             "strategy": strategy.state(),
             "elapsed_s": log.elapsed_s,
         }
-        evaluator.save_checkpoint(checkpoints / "last.ckpt", server_round, resume=point)
+        evaluator.save_checkpoint(run.last_checkpoint, server_round, resume=point)
         if due and log.best() is row:
-            evaluator.save_checkpoint(checkpoints / "best.ckpt", server_round)
+            evaluator.save_checkpoint(run.best_checkpoint, server_round)
         if progress is not None:
             progress(row)
         return MetricRecord(test) if due else None
@@ -189,7 +191,7 @@ def run_federation(
             evaluate_fn=evaluate_fn,
         )
     except FedwsError as err:
-        log.finish("failed", str(err))
+        log.finish(rundir.FAILED, str(err))
         raise
     return log.finish()
 

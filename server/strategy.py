@@ -1,7 +1,7 @@
 """Strategy choice: Flower's own classes, with a thin recording layer on top.
 
-``fedbn`` is Flower's FedAvg: what makes it FedBN is the state policy (``app/state.py``), under
-which BatchNorm layers never leave the clients. The recording layer (a mixin placed before the
+``fedbn`` is Flower's FedAvg: what makes it FedBN is the state policy (``app/learn/state.py``),
+under which BatchNorm layers never leave the clients. The recording layer (a mixin placed before the
 Flower class in the MRO) counts successful and failed replies, keeps each client's metrics for
 ``clients.csv``, and hands the replies to Flower sorted by client, so floating-point sums run in
 the same order every run (determinism).
@@ -19,9 +19,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from app import diagnostics
 from app.config import Config
 from app.errors import FedwsError
+from app.learn import diagnostics
 
 STRATEGY_CLASSES: dict[str, type[fl.FedAvg]] = {
     "fedavg": fl.FedAvg,
@@ -48,7 +48,7 @@ class RoundReplies:
     errors: list[str] = field(default_factory=list)
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # app.diagnostics rows
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # app.learn.diagnostics rows
 
 
 def _metrics(msg: Message) -> dict[str, float]:
@@ -97,7 +97,7 @@ class RecordingMixin:
     ``round_offset`` lets a resumed run continue at round k + 1: Flower's ``start`` counts
     from 1, the clients and the records see the true round. With ``groups`` set (a
     ``layer_groups`` map), each round's record also gets the drift, update-agreement and
-    BN-statistics diagnostics of ``app.diagnostics``.
+    BN-statistics diagnostics of ``app.learn.diagnostics``.
     """
 
     min_replies: int = 1

@@ -7,10 +7,14 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 from app.config import Config, apply_overrides, build
+
+REPO = Path(__file__).resolve().parents[1]
+FEDWS = [sys.executable, "-m", "app.tools.cli"]  # the fedws command of this environment
 
 SMALL = {
     "data": {

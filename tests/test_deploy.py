@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import yaml
-from helpers import bare_env, pids_with, stop_process_group
+from helpers import FEDWS, REPO, bare_env, pids_with, stop_process_group
 
-from app.cli import main
+from app.tools.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -63,7 +62,7 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
     # no Flower on PATH: `fedws deploy` must start Flower (and what Flower starts by name,
     # flower-superexec) from its own environment, as for a user who never activated the venv
     env = bare_env(FLWR_HOME=str(home))
-    fedws = [sys.executable, "-m", "app.cli", "deploy"]
+    fedws = [*FEDWS, "deploy"]
     files = contextlib.ExitStack()
     logs = {
         name: files.enter_context((tmp_path / f"{name}.log").open("w"))

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from helpers import bare_env, pids_with, stop_process_group
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, bare_env, pids_with, stop_process_group
 
 
 def superlinks_of(flwr_home: Path) -> list[int]:

@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import FEDWS, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 6
 CONFIG = {
     "seed": 3,
@@ -32,7 +31,15 @@ CONFIG = {
 
 
 def command(config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "run", str(config), "-o", str(out), "--no-progress"]
+    return [
+        *FEDWS,
+        "run",
+        str(config),
+        "-o",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def rounds_done(out: Path) -> int:
@@ -74,7 +81,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert not (cut / "summary.json").exists()
 
     resumed = subprocess.run(
-        [*command(config, cut), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600
+        command(config, cut, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((cut / "summary.json").read_text())["status"] == "completed"

@@ -2,16 +2,14 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import FEDWS, REPO
 
-from app.cli import main
 from app.config import ConfigError, apply_overrides, build, dump_config, load_config
+from app.tools.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
@@ -133,7 +131,7 @@ def test_config_error_names_field():
 
 def test_console_script_exits_with_code_2():
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "partitions", str(QUICKSTART), "--set", "seed=x"],
+        [*FEDWS, "partitions", str(QUICKSTART), "--set", "seed=x"],
         capture_output=True,
         text=True,
         cwd=REPO,

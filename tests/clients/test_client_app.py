@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from helpers import set_task_identity, small_config
 
 from app.config import Config, dump_config
-from app.runtime import CONFIG_KEY, dataset, new_module, shard
-from app.state import select, state_policy
+from app.learn.runtime import CONFIG_KEY, dataset, new_module, shard
+from app.learn.state import select, state_policy
+from app.learn.trainer import make_trainer
+from clients import client_app
 from clients.client_app import LOCAL_STATE_KEY, app
 
 
@@ -57,11 +61,26 @@ def test_train_reply_has_arrays_and_metrics_with_sample_count():
     assert any(not torch.equal(sent[k], before[k]) for k in sent)  # it trained
 
 
-def test_local_steps_bound_the_local_fit():
-    cfg = small_config("train.local_steps=2", "train.batch_size=4", "optim.lr=0.01")
+def fit_steps(cfg: Config, monkeypatch) -> list[int]:
+    """Optimizer steps of each local fit one train message makes (by spying on its Trainers)."""
+    trainers = []
+
+    def spy(*args, **kwargs):
+        trainers.append(make_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setattr(client_app, "make_trainer", spy)
     reply = app(message(cfg, global_arrays(cfg)), context(cfg))
     assert reply.content["metrics"]["num-examples"] == shard(cfg.data, 0).num_train
-    assert reply.content["metrics"]["fit_s"] < 5
+    return [t.global_step for t in trainers if t.state.fn == "fit"]
+
+
+def test_local_steps_bound_the_local_fit(monkeypatch):
+    cfg = small_config("train.local_steps=2", "train.batch_size=4", "optim.lr=0.01")
+    assert fit_steps(cfg, monkeypatch) == [2]
+    # without it, one local epoch: every batch of the shard once
+    epoch = small_config("train.batch_size=4", "optim.lr=0.01")
+    assert fit_steps(epoch, monkeypatch) == [math.ceil(shard(epoch.data, 0).num_train / 4)]
 
 
 def test_shard_is_built_once_per_process():

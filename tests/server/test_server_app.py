@@ -16,9 +16,10 @@ from flwr.serverapp import strategy as fl
 from helpers import InProcessGrid, set_task_identity, small_config
 
 from app.config import ConfigError, build
-from app.module import FedwsClassifier, tensor_loader
-from app.runtime import dataset, new_module
-from app.state import state_policy
+from app.learn.classifier import FedwsClassifier
+from app.learn.runtime import dataset, new_module
+from app.learn.state import state_policy
+from app.learn.trainer import tensor_loader
 from clients.client_app import app as client_app
 from server.evaluation import GlobalEvaluator
 from server.run_log import CLIENT_COLUMNS, METRIC_COLUMNS
@@ -328,7 +329,7 @@ def test_recalibration_changes_only_the_evaluation(tmp_path):
 
 
 def test_fedws_diagnose_writes_markdown_and_figures(tmp_path):
-    from app.cli import main
+    from app.tools.cli import main
 
     cfg = small_config("federation.rounds=2", "model.norm=bn", "server.bn_recalibration=true")
     federate(cfg, tmp_path)

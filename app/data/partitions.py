@@ -1,0 +1,211 @@
+"""Non-IID partitions of a training split into client shards (NIID-Bench's taxonomy,
+Li et al. 2022, arXiv 2102.02079), built with flwr-datasets partitioners.
+
+The partitioners run over an in-memory ``datasets.Dataset`` of two columns, ``idx`` and
+``label``, shuffled by the partition seed; the images never leave their tensor. Each client's
+indices are then split into local train/val by the same seed, and the shard is held as
+normalized float tensors (no per-sample transform in the training loop).
+
+Kinds: ``iid``; ``dirichlet`` label skew Dir(alpha); ``pathological`` #C=k classes per client;
+``shards`` (sorted-label shards, McMahan et al. 2017); ``quantity`` skew (client sizes from
+Dir(alpha), IID labels); ``feature`` skew (IID labels, a per-client noise/contrast/rotation).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.config import DataConfig, FeatureSkewConfig, PartitionConfig
+from app.data.datasets import ImageDataset
+from app.errors import DataError
+
+
+def _partitioner(p: PartitionConfig, num_samples: int):
+    from flwr_datasets import partitioner as fp
+
+    n = p.num_clients
+    if p.kind in ("iid", "feature"):
+        return fp.IidPartitioner(num_partitions=n)
+    if p.kind == "dirichlet":
+        return fp.DirichletPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            alpha=p.alpha,
+            min_partition_size=p.min_partition_size,
+            self_balancing=False,
+            seed=p.seed,
+        )
+    if p.kind == "pathological":
+        return fp.PathologicalPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            num_classes_per_partition=p.classes_per_client,
+            # client i gets class i % K first, so every class is used when clients >= classes
+            class_assignment_mode="first-deterministic",
+            seed=p.seed,
+        )
+    if p.kind == "shards":
+        return fp.ShardPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            num_shards_per_partition=p.shards_per_client,
+            seed=p.seed,
+        )
+    if p.kind == "quantity":
+        return fp.SizePartitioner(quantity_sizes(num_samples, p))
+    raise AssertionError(f"unhandled partition kind {p.kind}")  # the config rejects others
+
+
+def quantity_sizes(num_samples: int, p: PartitionConfig) -> list[int]:
+    """Client sizes for quantity skew: ``min_partition_size`` each, the rest split by Dir(alpha)."""
+    spare = num_samples - p.num_clients * p.min_partition_size
+    if spare < 0:
+        raise DataError(
+            f"data.partition: {p.num_clients} clients x min_partition_size "
+            f"{p.min_partition_size} > {num_samples} training samples"
+        )
+    rng = np.random.default_rng(p.seed)
+    shares = rng.dirichlet(np.full(p.num_clients, p.alpha))
+    extra = np.floor(shares * spare).astype(int)
+    extra[np.argmax(shares)] += spare - extra.sum()  # floor's remainder to the largest client
+    return [int(p.min_partition_size + e) for e in extra]
+
+
+def partition_indices(labels: np.ndarray, p: PartitionConfig) -> list[np.ndarray]:
+    """Indices into ``labels`` for each client; every index is in exactly one client or, for
+    ``pathological``/``shards``, in none when the partitioner drops a remainder."""
+    import datasets
+
+    labels = np.asarray(labels)
+    if len(labels) < p.num_clients:
+        raise DataError(
+            f"data.partition.num_clients: {p.num_clients} clients but only "
+            f"{len(labels)} training samples"
+        )
+    order = np.random.default_rng(p.seed).permutation(len(labels))
+    table = datasets.Dataset.from_dict({"idx": order, "label": labels[order]})
+    part = _partitioner(p, len(labels))
+    part.dataset = table
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pyarrow deprecations inside datasets
+            # Dirichlet resampling chatter: success is silent, failure becomes a DataError
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            return [
+                np.sort(part.load_partition(i).with_format("arrow")[:]["idx"].to_numpy())
+                for i in range(p.num_clients)
+            ]
+    except ValueError as err:  # flwr-datasets explains why (e.g. Dirichlet min size unmet)
+        raise DataError(f"data.partition ({p.kind}): {err}") from err
+
+
+def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """(clients, classes) matrix of sample counts."""
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[idx], minlength=num_classes) for idx in parts])
+
+
+def label_entropy(counts: np.ndarray) -> np.ndarray:
+    """Shannon entropy (bits) of each row's label distribution."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log2(p), 0.0)
+    return terms.sum(axis=1)
+
+
+@dataclass(frozen=True)
+class FeatureShift:
+    """A client's deterministic input shift (feature skew)."""
+
+    noise_std: float
+    contrast: float
+    rotation: float
+
+    @classmethod
+    def for_client(cls, client: int, num_clients: int, cfg: FeatureSkewConfig) -> FeatureShift:
+        level = client / (num_clients - 1) if num_clients > 1 else 0.0
+        return cls(
+            noise_std=level * cfg.noise_std,
+            contrast=1.0 - level * cfg.contrast,
+            rotation=level * cfg.rotation,
+        )
+
+    def apply(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """Rotate, scale contrast, add noise; ``x`` is a normalized float batch (N, C, H, W)."""
+        if self.rotation:
+            a = math.radians(self.rotation)
+            theta = torch.tensor(
+                [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+                dtype=x.dtype,
+            ).expand(len(x), 2, 3)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, align_corners=False)  # zeros outside = the mean pixel
+        x = x * self.contrast
+        if self.noise_std:
+            g = torch.Generator().manual_seed(seed)
+            x = x + self.noise_std * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        return x
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    """One client's local data, normalized float tensors ready for training."""
+
+    client: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    shift: FeatureShift | None = None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.y_val)
+
+
+def shard_seed(p: PartitionConfig, client: int) -> int:
+    """Seed of a client's train/val split and feature shift, derived from the partition seed."""
+    return p.seed * 100_003 + client
+
+
+def split_train_val(indices: np.ndarray, val_fraction: float, seed: int):
+    """Seeded split of a client's indices; a client with >= 2 samples keeps >= 1 for training."""
+    perm = np.random.default_rng(seed).permutation(indices)
+    n_val = round(len(perm) * val_fraction)
+    n_val = min(n_val, max(len(perm) - 1, 0))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def make_shard(
+    dataset: ImageDataset, indices: np.ndarray, client: int, cfg: DataConfig
+) -> ClientShard:
+    """Materialize one client's shard (train/val split by the partition seed)."""
+    p = cfg.partition
+    seed = shard_seed(p, client)
+    train_idx, val_idx = split_train_val(indices, cfg.val_fraction, seed)
+    x_train = dataset.normalize(dataset.x_train[train_idx])
+    x_val = dataset.normalize(dataset.x_train[val_idx])
+    shift = None
+    if p.kind == "feature":
+        shift = FeatureShift.for_client(client, p.num_clients, p.feature)
+        x_train, x_val = shift.apply(x_train, seed), shift.apply(x_val, seed + 1)
+    return ClientShard(
+        client=client,
+        x_train=x_train,
+        y_train=dataset.y_train[train_idx],
+        x_val=x_val,
+        y_val=dataset.y_train[val_idx],
+        shift=shift,
+    )

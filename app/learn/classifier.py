@@ -1,0 +1,139 @@
+"""The LightningModule every local fit and every server-side evaluation uses.
+
+Lightning's ``backbone_image_classifier`` habits: typed ``__init__``, ``save_hyperparameters``,
+the optimizer built from ``self.hparams``, torchmetrics objects as attributes logged as objects.
+The model is built from (arch, norm, ...) inside ``__init__``, so a checkpoint reloads with
+``FedwsClassifier.load_from_checkpoint(path)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from app.config import Config
+from app.data.augment import random_crop_flip
+from app.nn.models import build_model
+
+
+class FedwsClassifier(L.LightningModule):
+    """Cross-entropy classifier around any ``build_model`` network.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020,
+    arXiv 1812.06127) once ``set_global_weights`` has given it the round's global weights.
+    ``augment`` crops and flips each training batch (``app.data.augment``), never an evaluation one.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        norm: str,
+        in_channels: int,
+        num_classes: int,
+        model_options: dict[str, Any] | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        proximal_mu: float = 0.0,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(arch, norm, in_channels, num_classes, **(model_options or {}))
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._global_params: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, in_channels: int, num_classes: int) -> FedwsClassifier:
+        mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
+        return cls(
+            arch=cfg.model.arch,
+            norm=cfg.model.norm,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            model_options=cfg.model.options(),
+            optimizer=cfg.optim.name,
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
+            proximal_mu=mu,
+            augment=cfg.data.augmented,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def set_global_weights(self) -> None:
+        """Snapshot the current parameters as the proximal anchor (call after loading them)."""
+        self._global_params = [p.detach().clone() for p in self.model.parameters()]
+
+    def on_fit_start(self) -> None:
+        # the anchor goes to the training device once, not with every step
+        if self._global_params is not None:
+            self._global_params = [g.to(self.device) for g in self._global_params]
+
+    def proximal_term(self) -> torch.Tensor:
+        if self._global_params is None:
+            return torch.zeros((), device=self.device)
+        sq = [
+            (p - g.to(p.device)).pow(2).sum()
+            for p, g in zip(self.model.parameters(), self._global_params, strict=True)
+        ]
+        return 0.5 * self.hparams.proximal_mu * torch.stack(sq).sum()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """``augment``: random crop + flip of each training batch, on its device."""
+        if self.hparams.get("augment") and self.trainer.training:
+            x, y = batch
+            batch = (random_crop_flip(x), y)
+        return batch
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        if self.hparams.proximal_mu > 0:
+            loss = loss + self.proximal_term()
+        return loss
+
+    def _eval_step(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        metric(logits, y)
+        self.log(f"{stage}_acc", metric, batch_size=len(y))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = self.parameters()
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(
+                params,
+                lr=hp.lr,
+                momentum=hp.momentum,
+                nesterov=hp.nesterov,
+                weight_decay=hp.weight_decay,
+            )
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        raise ValueError(f"unknown optimizer {hp.optimizer!r}; known: sgd, adam, adamw")

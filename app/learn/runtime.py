@@ -1,0 +1,76 @@
+"""What a client or server process builds once and keeps: the config sent in messages, the
+dataset, its partition and each client's shard (per-process caches), and fresh models.
+
+The ServerApp sends the resolved YAML config in every message's ConfigRecord under
+``CONFIG_KEY``, so a ClientApp needs nothing but the message: the same code runs under
+``fedws run``, ``flwr run .`` and a real deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import torch
+import yaml
+
+from app.config import Config, DataConfig, build
+from app.data.datasets import ImageDataset, load_dataset
+from app.data.partitions import ClientShard, make_shard, partition_indices
+from app.learn.classifier import FedwsClassifier
+
+CONFIG_KEY = "fedws-config"
+STATE_DIR_KEY = "fedws-state-dir"  # where clients keep their local state for a resumed run
+
+
+@functools.lru_cache(maxsize=8)
+def config_from_text(text: str) -> Config:
+    return build(yaml.safe_load(text))
+
+
+@functools.lru_cache(maxsize=2)
+def dataset(data: DataConfig) -> ImageDataset:
+    return load_dataset(data)
+
+
+@functools.lru_cache(maxsize=2)
+def partitions(data: DataConfig) -> tuple[np.ndarray, ...]:
+    return tuple(partition_indices(dataset(data).y_train.numpy(), data.partition))
+
+
+@functools.cache
+def shard(data: DataConfig, client: int) -> ClientShard:
+    """Client ``client``'s shard, built on first use in this process and kept."""
+    return make_shard(dataset(data), partitions(data)[client], client, data)
+
+
+def shard_on(data: DataConfig, client: int, device: torch.device) -> ClientShard:
+    """The shard moved to ``device`` once per process when it fits (a quarter of the free
+    device memory at most), so batches are gathered on the device instead of copied to it."""
+    local = shard(data, client)
+    if device.type == "cpu":
+        return local
+    return _moved(data, client, str(device))
+
+
+@functools.cache
+def _moved(data: DataConfig, client: int, device: str) -> ClientShard:
+    local = shard(data, client)
+    size = sum(t.numel() * t.element_size() for t in (local.x_train, local.x_val))
+    if device.startswith("cuda") and size > torch.cuda.mem_get_info(torch.device(device))[0] / 4:
+        return local  # too large: Lightning copies each batch instead
+    move = {f: getattr(local, f).to(device) for f in ("x_train", "y_train", "x_val", "y_val")}
+    return dataclasses.replace(local, **move)
+
+
+def new_module(cfg: Config, ds: ImageDataset) -> FedwsClassifier:
+    """A freshly initialised model; the same weights in every process (seeded by ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes)
+
+
+def round_seed(cfg: Config, server_round: int, client: int) -> int:
+    """Seed of one client's local training in one round."""
+    return (cfg.seed * 1_000_003 + server_round * 10_007 + client) % 2**31

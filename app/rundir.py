@@ -1,0 +1,288 @@
+"""The run directory and the study folder: every file name, column list and reader, in one place.
+
+A run directory (``fedws run``, ``flwr run .``, a study cell)::
+
+    config.yaml        the resolved config
+    metrics.csv        a row per round (METRIC_COLUMNS), round 0 = the initial model
+    clients.csv        a row per client per round (CLIENT_COLUMNS)
+    diagnostics.csv    a row per round, quantity and layer (DIAGNOSTIC_COLUMNS)
+    summary.json       status, final and best metrics, timings, versions
+    checkpoints/       last.ckpt, best.ckpt, clients/ (each client's local state)
+    tensorboard/       TensorBoard events (optional)
+    diagnostics.md     ``fedws diagnose``, with figures/
+
+A study folder (``fedws study``)::
+
+    study.yaml         the expanded grid: source, axes, cells
+    runs/<cell>/       a run directory each, plus cell.yaml (the cell's config) and log.txt
+    results.csv        a row per cell (RESULT_COLUMNS)
+    report.md          with figures/
+
+Every writer and reader imports its names from here (Lightning keeps its CSV logger's format
+in one class the same way): a file name spelled in one place cannot disagree with itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.config import Config, build
+from app.errors import ConfigError
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+CLIENTS = "clients.csv"
+DIAGNOSTICS = "diagnostics.csv"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
+CLIENT_STATE = "clients"  # under checkpoints/
+TENSORBOARD = "tensorboard"
+FIGURES = "figures"
+DIAGNOSTICS_REPORT = "diagnostics.md"
+
+STUDY = "study.yaml"
+RUNS = "runs"
+CELL_CONFIG = "cell.yaml"
+CELL_LOG = "log.txt"
+RESULTS = "results.csv"
+STUDY_REPORT = "report.md"
+
+METRIC_COLUMNS = (
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "val_accuracy",
+    "clients_ok",
+    "clients_failed",
+    "clients_rejected",
+    "round_s",
+)
+CLIENT_COLUMNS = (
+    "round",
+    "client",
+    "num_examples",
+    "train_loss",
+    "val_accuracy",
+    "val_loss",
+    "fit_s",
+    "global_val_accuracy",
+    "global_val_loss",
+)
+DIAGNOSTIC_COLUMNS = ("round", "quantity", "layer", "value")
+RESULT_COLUMNS = (
+    "cell",
+    "status",
+    "row",
+    "column",
+    "dataset",
+    "arch",
+    "norm",
+    "strategy",
+    "partition",
+    "alpha",
+    "seed",
+    "final_test_accuracy",
+    "best_test_accuracy",
+    "best_round",
+    "final_test_loss",
+    "client_val_mean",
+    "client_val_worst10",
+    "round_to_target",
+    "rounds",
+    "wall_s",
+    "error",
+)
+
+PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def clients(self) -> Path:
+        return self.path / CLIENTS
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.path / DIAGNOSTICS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / BEST_CHECKPOINT
+
+    @property
+    def client_state(self) -> Path:
+        return self.checkpoints / CLIENT_STATE
+
+    @property
+    def figures(self) -> Path:
+        return self.path / FIGURES
+
+    @property
+    def diagnostics_report(self) -> Path:
+        return self.path / DIAGNOSTICS_REPORT
+
+    @property
+    def cell_config(self) -> Path:
+        return self.path / CELL_CONFIG
+
+    @property
+    def cell_log(self) -> Path:
+        return self.path / CELL_LOG
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    """The paths of one study folder."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def study(self) -> Path:
+        return self.path / STUDY
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def report(self) -> Path:
+        return self.path / STUDY_REPORT
+
+    @property
+    def figures(self) -> Path:
+        return self.path / FIGURES
+
+    def run(self, cell: str) -> RunDir:
+        return RunDir(self.path / RUNS / cell)
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Every row of a CSV file as a dict; no rows when the file does not exist."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def rows_until(path: Path, last_round: int) -> list[dict[str, str]]:
+    """The rows of a per-round CSV file up to and including ``last_round``."""
+    return [r for r in read_csv(path) if int(float(r["round"])) <= last_round]
+
+
+def cell_float(text: str | None) -> float:
+    """A CSV cell as a float; NaN when empty or not a number."""
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def cell_number(text: str) -> int | float:
+    """A CSV cell back to the int or float it was written from."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def metric_curve(run: RunDir, key: str) -> list[tuple[int, float]]:
+    """(round, value) of ``metrics.csv`` column ``key`` where it was measured."""
+    points = [(int(r["round"]), cell_float(r.get(key))) for r in read_csv(run.metrics)]
+    return [p for p in points if not math.isnan(p[1])]
+
+
+def read_summary(run: RunDir) -> dict[str, Any] | None:
+    """``summary.json``, or None when the run has not finished (or the file is unreadable)."""
+    try:
+        return json.loads(run.summary.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_status(run: RunDir) -> str:
+    """``completed``, ``failed`` (or another status the summary names) or ``pending``."""
+    return (read_summary(run) or {}).get("status", PENDING)
+
+
+def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
+    run.summary.write_text(json.dumps(summary, indent=2, allow_nan=False))
+
+
+def read_config(path: Path) -> Config:
+    """A config file written by fedws (``config.yaml``, ``cell.yaml``), validated."""
+    return build(yaml.safe_load(path.read_text()))
+
+
+def run_config(run: RunDir) -> Config | None:
+    """The run's resolved config, else the study cell's config, else None."""
+    for path in (run.config, run.cell_config):
+        if path.is_file():
+            return read_config(path)
+    return None
+
+
+def write_study(study: StudyDir, meta: dict[str, Any]) -> None:
+    """``study.yaml``: the study's source file, axes, target accuracy and cells."""
+    study.study.write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def read_study(study: StudyDir) -> dict[str, Any]:
+    return yaml.safe_load(study.study.read_text())
+
+
+Curves = dict[str, dict[str, list[tuple[int, float]]]]  # quantity -> layer -> (round, value)
+
+
+def read_diagnostics(run: RunDir) -> Curves:
+    """``diagnostics.csv`` as curves: quantity -> layer -> [(round, value)]."""
+    if not run.diagnostics.is_file():
+        raise ConfigError(str(run.path), f"holds no {DIAGNOSTICS} (not a fedws run directory?)")
+    curves: Curves = defaultdict(lambda: defaultdict(list))
+    for r in read_csv(run.diagnostics):
+        curves[r["quantity"]][r["layer"]].append((int(r["round"]), float(r["value"])))
+    return curves

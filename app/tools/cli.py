@@ -1,0 +1,351 @@
+"""The ``fedws`` command line.
+
+argparse and one short adapter per command; the work is done in the modules each adapter
+imports when its command runs (so ``fedws --help`` and ``fedws deploy`` start without loading
+torch, Lightning or Ray). Errors a person can act on (bad config, missing data) are printed as
+one line on stderr with exit code 2 (config) or 1 (anything else fedws can name); never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import load_config
+from app.errors import ConfigError, FedwsError
+from app.rundir import COMPLETED, RunDir, StudyDir
+
+DEFAULT_OUT = Path("runs")
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (YAML syntax), e.g. --set data.partition.alpha=0.1; "
+        "repeatable",
+    )
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from app.tools.partitions import partition_view
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / f"partitions-{Path(args.config).stem}"
+    view = partition_view(cfg.data)
+    ds, p = view.dataset, cfg.data.partition
+    num_samples = len(ds.y_train)
+    tag = " [SYNTHETIC DATA]" if ds.synthetic else ""
+    print(f"dataset: {ds.name}{tag} from {ds.source}")
+    print(
+        f"partition: {p.kind}, {p.num_clients} clients, partition seed {p.seed}, "
+        f"{num_samples} training samples, val fraction {cfg.data.val_fraction}"
+    )
+    print(_format_table(*view.table()))
+    uniform = np.log2(ds.num_classes)
+    print(
+        f"mean label entropy {view.entropy.mean():.3f} bits (uniform: {uniform:.3f}); "
+        f"assigned {int(view.counts.sum())} of {num_samples} samples"
+    )
+    table, png = view.write(out)
+    print(f"wrote {table} and {png}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from app.nn.models import MODELS, build_model, count_parameters, has_batchnorm
+    from app.nn.norms import NORMS
+
+    rows = []
+    for arch in MODELS:
+        for norm in NORMS:
+            model = build_model(arch, norm, args.in_channels, args.num_classes)
+            rows.append(
+                [
+                    arch,
+                    norm,
+                    f"{count_parameters(model):,}",
+                    "yes" if has_batchnorm(model) else "no",
+                ]
+            )
+    print(
+        f"parameters for {args.in_channels} input channel(s), {args.num_classes} classes "
+        "(default widths)"
+    )
+    print(_format_table(["arch", "norm", "params", "batchnorm"], rows))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from app.tools.run import describe, run, summary_text
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
+    print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
+    summary = run(cfg, out, verbose=args.verbose, progress=not args.no_progress, resume=args.resume)
+    print(summary_text(cfg, out, summary))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from app.tools.study import load_study, run_study
+    from app.tools.study_report import write_report
+
+    if args.parallel < 1:
+        raise ConfigError("--parallel", f"must be >= 1, got {args.parallel}")
+    study = load_study(args.study, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
+    statuses = run_study(study, out, parallel=args.parallel, echo=lambda m: print(m, flush=True))
+    report = write_report(out)
+    failed = sorted(cid for cid, status in statuses.items() if status != COMPLETED)
+    print(f"wrote {StudyDir(out).results} and {report}")
+    if failed:
+        print(f"fedws: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from app.tools.study_report import write_report
+
+    out = Path(args.dir)
+    if not StudyDir(out).study.is_file():
+        raise ConfigError(
+            str(out), "not a study folder (no study.yaml): give the -o of fedws study"
+        )
+    report = write_report(out)
+    print(f"wrote {StudyDir(out).results} and {report}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from app.tools.run_report import write_diagnostics
+
+    run = Path(args.dir)
+    if not RunDir(run).config.is_file():
+        raise ConfigError(
+            str(run), "not a run directory (no config.yaml): give the -o of fedws run"
+        )
+    print(f"wrote {write_diagnostics(run)}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (exit code 2) like every other fedws error."""
+
+    def error(self, message: str):
+        self.exit(2, f"fedws: usage error: {message} (see {self.prog} --help)\n")
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from app.tools.deploy import connection_toml, make_certs
+
+    out = Path(args.out)
+    written = make_certs(out, args.host or ["127.0.0.1", "localhost"], args.nodes)
+    print(
+        f"wrote {len(written)} files to {out}/: CA, SuperLink certificate and key, "
+        f"{args.nodes} SuperNode key pairs (supernode-<i>, supernode-<i>.pub)"
+    )
+    print("register each SuperNode's public key with the SuperLink once it runs:")
+    print(f"  flwr supernode register {out}/supernode-0.pub <connection>")
+    print("and give flwr the connection in ~/.flwr/config.toml:")
+    host = (args.host or ["127.0.0.1"])[0]
+    print(connection_toml("fedws", f"{host}:9093", out), end="")
+    return 0
+
+
+def cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    from app.tools.deploy import start_flower, superlink_command, supervise
+
+    certs = None if args.insecure else Path(args.certs)
+    if certs is None:
+        print("fedws: warning: --insecure: no TLS and no SuperNode authentication", file=sys.stderr)
+    elif not (certs / "superlink.crt").is_file():
+        raise ConfigError("--certs", f"{certs} has no superlink.crt: run fedws deploy certs first")
+    db = Path(args.database) if args.database else None
+    command = superlink_command(certs, args.host, args.port, db)
+    print("fedws: " + " ".join(command), flush=True)
+    return supervise([start_flower(command)])
+
+
+def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
+    from app.tools.deploy import start_flower, supernode_command, supernode_key, supervise
+
+    if bool(args.gpus) == bool(args.count):
+        raise ConfigError("deploy supernodes", "give either --gpus 0,1,... or --count N")
+    devices = [g.strip() for g in args.gpus.split(",")] if args.gpus else [""] * args.count
+    certs = None if args.insecure else Path(args.certs)
+    total = args.num_partitions or len(devices)
+    commands = []
+    for i, device in enumerate(devices):
+        partition = args.first_partition + i
+        if certs is not None and not supernode_key(certs, partition).is_file():
+            raise ConfigError("--certs", f"no key {supernode_key(certs, partition)}")
+        command = supernode_command(
+            args.superlink, certs, partition, partition, total, args.base_port + i, args.data_path
+        )
+        where = f"GPU {device}" if device else "CPU"
+        print(f"fedws: SuperNode {partition}/{total} on {where}: " + " ".join(command), flush=True)
+        commands.append((command, device))
+    procs = [
+        start_flower(command, CUDA_VISIBLE_DEVICES=device, PL_DISABLE_FORK="1")
+        for command, device in commands
+    ]
+    return supervise(procs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fedws",
+        description="Federated learning under non-IID data: BN vs WS+GN vs normalization-free.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    r = sub.add_parser(
+        "run",
+        help="run one federation (Flower simulation, Lightning clients) into a run directory",
+        description="Run CONFIG with Flower's simulation runtime. OUT gets config.yaml, "
+        "metrics.csv, clients.csv, summary.json and checkpoints/.",
+    )
+    r.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    r.add_argument("-o", "--out", help=f"run directory (default: {DEFAULT_OUT}/<config name>)")
+    _add_set(r)
+    r.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in OUT after its last checkpointed round",
+    )
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser(
+        "study",
+        help="run a grid of federations (resumable) and write results.csv + report.md",
+        description="Run every cell of STUDY into OUT/runs/<cell>/, skipping completed cells, "
+        "then write OUT/results.csv and OUT/report.md.",
+    )
+    st.add_argument("study", help="study YAML, e.g. configs/studies/bn_vs_ws_quick.yaml")
+    st.add_argument("-o", "--out", help=f"study folder (default: {DEFAULT_OUT}/study-<name>)")
+    _add_set(st)
+    st.add_argument(
+        "--parallel", type=int, default=1, help="cells run at once (default 1); cores are shared"
+    )
+    st.set_defaults(func=cmd_study)
+
+    rp = sub.add_parser(
+        "report",
+        help="rebuild results.csv and report.md of a study folder",
+        description="Rebuild DIR/results.csv, DIR/report.md and DIR/figures/ from the runs.",
+    )
+    rp.add_argument("dir", help="a study folder written by fedws study")
+    rp.set_defaults(func=cmd_report)
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="explain a run: client drift, BN-statistics divergence, recalibration",
+        description="Write RUN_DIR/diagnostics.md and RUN_DIR/figures/diag_*.png from the "
+        "run's diagnostics.csv and metrics.csv.",
+    )
+    dg.add_argument("dir", metavar="RUN_DIR", help="a run directory written by fedws run")
+    dg.set_defaults(func=cmd_diagnose)
+
+    dep = sub.add_parser(
+        "deploy",
+        help="a secured Flower deployment: certificates, a SuperLink, SuperNodes",
+        description="Run fedws on real Flower processes: `certs`, then `superlink`, then "
+        "`supernodes` on each machine, then `flwr run . <connection>` (see README).",
+    )
+    dsub = dep.add_subparsers(dest="deploy", required=True, metavar="STEP", parser_class=_Parser)
+    c = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs")
+    c.add_argument("out", help="folder for the files")
+    c.add_argument(
+        "--host",
+        action="append",
+        help="a host name or IP the SuperLink is reached at (repeatable; the certificate's "
+        "SANs; default 127.0.0.1 and localhost)",
+    )
+    c.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs (default 2)")
+    c.set_defaults(func=cmd_deploy_certs)
+    sl = dsub.add_parser("superlink", help="start a SuperLink (TLS + SuperNode auth)")
+    sl.add_argument("--certs", default="certs", help="folder written by `deploy certs`")
+    sl.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    sl.add_argument("--port", type=int, default=9093, help="HTTPS port of its APIs (9093)")
+    sl.add_argument("--database", help="state database file (default: in memory)")
+    sl.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
+    sl.set_defaults(func=cmd_deploy_superlink)
+    sn = dsub.add_parser("supernodes", help="start SuperNodes: one per GPU, or N on CPU")
+    sn.add_argument("--superlink", default="127.0.0.1:9093", help="SuperLink host:port")
+    sn.add_argument("--certs", default="certs", help="folder written by `deploy certs`")
+    sn.add_argument("--gpus", help="comma-separated GPU ids: one SuperNode pinned to each")
+    sn.add_argument("--count", type=int, help="N SuperNodes on the CPU")
+    sn.add_argument(
+        "--first-partition", type=int, default=0, help="partition-id of the first node here"
+    )
+    sn.add_argument(
+        "--num-partitions", type=int, help="nodes in the whole federation (default: these)"
+    )
+    sn.add_argument("--data-path", help="node-local dataset folder (sets data.root per node)")
+    sn.add_argument("--base-port", type=int, default=9100, help="first local ClientApp port")
+    sn.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
+    sn.set_defaults(func=cmd_deploy_supernodes)
+
+    p = sub.add_parser(
+        "partitions",
+        help="show how a config splits the data over clients (table, CSV, heatmap)",
+        description="Partition the training split as CONFIG says; print a per-client table, "
+        "write OUT/partitions.csv (client,label,count) and OUT/label_distribution.png.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument(
+        "-o", "--out", help=f"output folder (default: {DEFAULT_OUT}/partitions-<config name>)"
+    )
+    _add_set(p)
+    p.set_defaults(func=cmd_partitions)
+
+    m = sub.add_parser(
+        "models",
+        help="table of every arch x norm with parameter count and BN presence",
+        description="Build every arch x norm of the registries and list their parameter counts.",
+    )
+    m.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
+    m.add_argument("--num-classes", type=int, default=10, help="classes (default 10)")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # fedws works offline: no usage telemetry from Flower (read when flwr is first imported)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedwsError as err:
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"fedws: {kind}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("fedws: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

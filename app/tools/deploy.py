@@ -1,0 +1,253 @@
+"""A secured Flower deployment: certificates and keys, a SuperLink, one SuperNode per GPU.
+
+Everything runs through Flower's own processes (``flower-superlink``, ``flower-supernode``) and
+CLI (``flwr supernode register``, ``flwr run``); this module prepares their inputs, starts them
+with this environment's ``bin/`` on ``PATH`` and stops them together:
+
+- ``make_certs``: a CA, a SuperLink certificate whose SANs are the given hosts, and one EC
+  (NIST P-384) key pair per SuperNode in OpenSSH format, the format Flower 1.42 reads for
+  SuperNode authentication; made with the ``cryptography`` library.
+- ``superlink_command`` / ``supernode_command``: Flower 1.42's flags (one HTTPS port for the
+  Fleet, Control and Runtime APIs; SuperNode auth on; runtime dependency installation off, so
+  the nodes use the installed environment).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from app.errors import FedwsError
+
+CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY = "ca.crt", "superlink.crt", "superlink.key"
+
+
+def supernode_key(certs: Path, index: int) -> Path:
+    """SuperNode ``index``'s private key; ``.pub`` beside it is what the SuperLink registers."""
+    return certs / f"supernode-{index}"
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_certs(out: Path, hosts: list[str], num_supernodes: int, days: int = 365) -> list[Path]:
+    """Write the CA, the SuperLink's certificate (SANs: ``hosts``) and SuperNode key pairs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedws deployment CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    pem = serialization.Encoding.PEM
+    written = [out / CA_CERT, out / SUPERLINK_CERT, out / SUPERLINK_KEY]
+    written[0].write_bytes(ca.public_bytes(pem))
+    written[1].write_bytes(cert.public_bytes(pem))
+    _write_private(
+        written[2],
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    for i in range(num_supernodes):
+        node = ec.generate_private_key(ec.SECP384R1())
+        path = supernode_key(out, i)
+        _write_private(
+            path,
+            node.private_bytes(
+                pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        public = node.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        path.with_suffix(".pub").write_bytes(public + b"\n")
+        written += [path, path.with_suffix(".pub")]
+    return written
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def interpreter_bin() -> str:
+    """The folder of this Python's executables (a venv's ``bin/``, unresolved: a venv's
+    ``python`` is a symlink to the base interpreter, whose folder has no ``flower-*``)."""
+    return os.path.dirname(os.path.abspath(sys.executable))
+
+
+def flower_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """An environment for a Flower process: ``base`` (default ``os.environ``) with this
+    interpreter's ``bin/`` first on ``PATH``. Flower starts its helper processes
+    (``flower-superexec``, ``flower-superlink`` for ``flwr run``) by name from ``PATH``; with
+    this, a user never has to activate the virtual environment fedws runs from."""
+    env = dict(os.environ if base is None else base)
+    here = interpreter_bin()
+    rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != here]
+    env["PATH"] = os.pathsep.join([here, *rest])
+    env.update(extra)
+    return env
+
+
+def _flower_tool(name: str) -> str:
+    """Flower's executable from this environment (beside the running Python) or the PATH."""
+    found = shutil.which(name, path=interpreter_bin()) or shutil.which(name)
+    if found is None:
+        raise FedwsError(
+            f"{name} not found beside {sys.executable} or on PATH: install fedws's "
+            "dependencies in this environment (bash scripts/setup.sh, or pip install flwr)"
+        )
+    return found
+
+
+def start_flower(command: list[str], **env: str) -> subprocess.Popen:
+    """Start a Flower process with ``flower_env`` (and ``env`` on top)."""
+    return subprocess.Popen(command, env=flower_env(**env))
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while waiting for the Flower processes."""
+
+
+def supervise(procs: list[subprocess.Popen], grace_s: float = 10.0) -> int:
+    """Wait for Flower processes; return the worst exit code. Ctrl-C (130) or SIGTERM (143)
+    stops every one of them: SIGTERM to each, SIGKILL to what still runs after ``grace_s``.
+
+    The SIGTERM handler only raises: the stopping happens after the interrupted ``wait`` has
+    returned, since a ``wait`` inside the handler could not take the lock the interrupted one
+    still holds and would stall for its whole timeout."""
+
+    def on_sigterm(*_) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        try:
+            return max((proc.wait() for proc in procs), default=0)
+        except (KeyboardInterrupt, _Terminated) as err:
+            code = 130 if isinstance(err, KeyboardInterrupt) else 143
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM: stop anyway
+        stop(procs, grace_s)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running; SIGKILL what still runs after ``grace_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def superlink_command(
+    certs: Path | None, host: str, port: int, database: Path | None = None
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure)."""
+    command = [_flower_tool("flower-superlink"), "--host", host, "--port", str(port)]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile",
+            str(certs / CA_CERT),
+            "--ssl-certfile",
+            str(certs / SUPERLINK_CERT),
+            "--ssl-keyfile",
+            str(certs / SUPERLINK_KEY),
+            "--enable-supernode-auth",
+        ]
+    command.append("--disable-runtime-dependency-installation")
+    if database is not None:
+        command += ["--database", str(database)]
+    return command
+
+
+def supernode_command(
+    superlink: str,
+    certs: Path | None,
+    index: int,
+    partition: int,
+    num_partitions: int,
+    port: int,
+    data_path: str | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one node: its shard (``partition-id``/``num-partitions`` or
+    its own ``data-path``), its auth key, TLS with the deployment's CA."""
+    node_config = f"partition-id={partition} num-partitions={num_partitions}"
+    if data_path:
+        node_config += f' data-path="{data_path}"'
+    command = [
+        _flower_tool("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--root-certificates",
+            str(certs / CA_CERT),
+            "--auth-supernode-private-key",
+            str(supernode_key(certs, index)),
+        ]
+    return command
+
+
+def connection_toml(name: str, address: str, certs: Path | None) -> str:
+    """The ``~/.flwr/config.toml`` block that lets ``flwr`` reach this SuperLink."""
+    lines = [f"[superlink.{name}]", f'address = "{address}"']
+    if certs is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{(certs / CA_CERT).resolve()}"')
+    return "\n".join(lines) + "\n"

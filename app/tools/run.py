@@ -1,0 +1,103 @@
+"""``fedws run``: one federation in Flower's simulation runtime, with a progress bar over rounds
+and a one-screen summary at the end."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from app import rundir
+from app.config import Config
+from app.learn import runtime
+from app.rundir import RunDir
+from app.tools.simulation import run_simulation
+from server.server_app import make_server_app, resume_point
+
+
+def describe(cfg: Config) -> str:
+    p = cfg.data.partition
+    kind = {
+        "dirichlet": f"dirichlet(alpha={p.alpha})",
+        "pathological": f"pathological({p.classes_per_client} classes)",
+        "quantity": f"quantity(alpha={p.alpha})",
+    }.get(p.kind, p.kind)
+    return (
+        f"{cfg.data.dataset}, {cfg.model.arch} + {cfg.model.norm}, {cfg.federation.strategy}, "
+        f"{kind} over {p.num_clients} clients, {cfg.federation.rounds} rounds"
+    )
+
+
+def _fmt(value: float) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.4f}"
+    )
+
+
+def run(
+    cfg: Config, out: Path, verbose: bool = False, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg`` with Flower's simulation runtime into ``out``; return ``summary.json``.
+    ``resume`` continues an interrupted run in ``out`` after its last checkpointed round."""
+    # Fail fast, before Ray starts: a missing dataset, an impossible partition or nothing to
+    # resume is one line. The ServerApp runs in this process and finds the data in the caches.
+    runtime.partitions(cfg.data)
+    done = resume_point(cfg, out)["fedws"]["round"] if resume else 0
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    bar = tqdm(
+        total=cfg.federation.rounds,
+        initial=min(done, cfg.federation.rounds),
+        desc="rounds",
+        unit="round",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+    def on_round(row: dict[str, float]) -> None:
+        if row["round"] > 0:
+            bar.update(1)
+        acc = row["test_accuracy"]
+        if not math.isnan(acc):
+            bar.set_postfix(test_acc=f"{acc:.4f}", refresh=True)
+
+    server_app = make_server_app(cfg, out, progress=on_round, resume=resume)
+    try:
+        run_simulation(
+            server_app,
+            num_clients=cfg.data.partition.num_clients,
+            num_cpus=cfg.simulation.num_cpus,
+            num_gpus=cfg.simulation.num_gpus,
+            ray_num_cpus=cfg.simulation.ray_num_cpus,
+            ray_address=cfg.simulation.ray_address,
+            verbose=verbose,
+        )
+    finally:
+        bar.close()
+    return rundir.read_summary(RunDir(out))
+
+
+def summary_text(cfg: Config, out: Path, summary: dict[str, Any]) -> str:
+    final, best = summary["final"] or {}, summary["best"] or {}
+    tag = " [SYNTHETIC DATA]" if summary["synthetic_data"] else ""
+    lines = [
+        f"fedws run: {describe(cfg)}{tag}",
+        f"  rounds {summary['rounds']} | wall {summary['wall_s']:.1f} s | "
+        f"mean round {summary['mean_round_s'] or 0:.2f} s",
+        f"  global test accuracy: final {_fmt(final.get('test_accuracy'))} "
+        f"(round {final.get('round', '-')}), best {_fmt(best.get('test_accuracy'))} "
+        f"(round {best.get('round', '-')})",
+        f"  final test loss {_fmt(final.get('test_loss'))}",
+        f"  outputs: {out}/ (config.yaml, metrics.csv, clients.csv, diagnostics.csv, "
+        "summary.json, checkpoints/)",
+    ]
+    if summary.get("diagnostics"):
+        lines.append(f"  why: fedws diagnose {out}")
+    return "\n".join(lines)

@@ -1,0 +1,224 @@
+"""Studies: a grid of runs over config keys, run cell by cell, resumable.
+
+A study file::
+
+    base: ../quickstart.yaml          # relative to the study file
+    overrides: {federation.rounds: 15}
+    grid:                             # every combination is a cell
+      model.norm: [bn, gn, ws_gn, nf]
+      data.partition: [{kind: iid}, {kind: dirichlet, alpha: 0.1}]
+      seed: [0, 1, 2]
+    extra:                            # more cells: each entry over the grid axes it leaves free
+      - {model.norm: bn, federation.strategy: fedbn}
+    target_accuracy: 0.8              # optional: results.csv reports the first round reaching it
+
+Every cell is one ``fedws run`` (a subprocess: its own Ray, its own memory) into
+``OUT/runs/<cell-id>/``. A cell whose ``summary.json`` says ``completed`` is skipped, so an
+interrupted study continues where it stopped; a failed cell is recorded and the study goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app import rundir
+from app.config import Config, apply_overrides, build, dump_config, read_yaml
+from app.errors import ConfigError
+from app.rundir import RunDir, StudyDir
+
+STUDY_KEYS = ("base", "overrides", "grid", "extra", "target_accuracy")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a study: its id, the axis values that define it, its resolved config."""
+
+    id: str
+    axes: dict[str, Any]
+    config: Config
+
+
+@dataclass(frozen=True)
+class Study:
+    path: Path
+    cells: tuple[Cell, ...]
+    axes: tuple[str, ...]
+    target_accuracy: float | None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):
+        return "-".join(_fmt(v) for v in value.values())
+    if isinstance(value, list):
+        return "-".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def cell_id(axes: dict[str, Any]) -> str:
+    """A readable folder name: ``norm-bn_partition-dirichlet-0.1_seed-0``."""
+    parts = [f"{key.split('.')[-1]}-{_fmt(value)}" for key, value in axes.items()]
+    return re.sub(r"[^A-Za-z0-9._-]+", "", "_".join(parts))
+
+
+def axis_label(value: Any) -> str:
+    """How an axis value is shown in tables and plots."""
+    if isinstance(value, dict):
+        kind = value.get("kind")
+        if kind == "dirichlet":
+            return f"Dir({value.get('alpha', '?')})"
+        if kind == "pathological":
+            return f"#C={value.get('classes_per_client', 2)}"
+        if kind is not None:
+            rest = [f"{k}={v}" for k, v in value.items() if k != "kind"]
+            return f"{kind}({', '.join(rest)})" if rest else str(kind)
+    return _fmt(value)
+
+
+def _overrides(mapping: dict[str, Any]) -> list[str]:
+    """``{a.b: v}`` -> ``["a.b=<v>"]`` for ``apply_overrides`` (JSON is valid YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
+
+
+def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Study:
+    """Read and expand a study file; every cell's config is validated before anything runs."""
+    path = Path(path)
+    raw = read_yaml(path)
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}", f"unknown key; allowed: {', '.join(STUDY_KEYS)}")
+    if "base" not in raw:
+        raise ConfigError(f"{path}: base", "missing: the config the study starts from")
+    base_path = (path.parent / str(raw["base"])).resolve()
+    base = read_yaml(base_path)
+    grid = raw.get("grid") or {}
+    extra = raw.get("extra") or []
+    overrides = raw.get("overrides") or {}
+    for name, value, kind in (("grid", grid, dict), ("overrides", overrides, dict)):
+        if not isinstance(value, kind):
+            raise ConfigError(f"{path}: {name}", "must be a mapping of config keys")
+    if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
+        raise ConfigError(f"{path}: extra", "must be a list of mappings of config keys")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid.{key}", "must be a non-empty list of values")
+    target = raw.get("target_accuracy")
+    if target is not None and not (isinstance(target, int | float) and 0 < target <= 1):
+        raise ConfigError(f"{path}: target_accuracy", f"must be in (0, 1], got {target!r}")
+
+    keys = list(grid)
+    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+    assignments = list(combos)
+    for entry in extra:
+        free = [k for k in keys if k not in entry]
+        for combo in {cell_id({k: c[k] for k in free}): c for c in combos}.values():
+            assignments.append({**entry, **{k: combo[k] for k in free}})
+
+    base_overridden = apply_overrides(base, _overrides(overrides))
+    cells, seen = [], set()
+    for axes in assignments:
+        cid = cell_id(axes)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        raw_cfg = apply_overrides(base_overridden, _overrides(axes) + list(cli_overrides or []))
+        try:
+            cfg = build(raw_cfg)
+        except ConfigError as err:
+            raise ConfigError(f"cell {cid}: {err.field}", err.message) from None
+        cells.append(Cell(cid, axes, cfg))
+    axes = tuple(dict.fromkeys(k for c in cells for k in c.axes))
+    return Study(path, tuple(cells), axes, float(target) if target is not None else None)
+
+
+def launch_subprocess(config: Path, out: Path, ray_cpus: int | None) -> str | None:
+    """Run one cell as ``fedws run`` in a subprocess; return None, or the error it reported."""
+    command = [sys.executable, "-m", "app.tools.cli", "run", str(config), "-o", str(out)]
+    command += ["--no-progress"]
+    if ray_cpus is not None:
+        command += ["--set", f"simulation.ray_num_cpus={ray_cpus}"]
+    log_path = RunDir(out).cell_log
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode == 0:
+        return None
+    return _last_error(log_path) or f"fedws run exited with code {proc.returncode}"
+
+
+def _last_error(log: Path) -> str | None:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("fedws:") or "Error" in line:
+            return line
+    return lines[-1] if lines else None
+
+
+Launcher = Callable[[Path, Path, "int | None"], "str | None"]
+
+
+def run_cell(cell: Cell, out: Path, ray_cpus: int | None, launch: Launcher) -> str:
+    """Run one cell into ``out``; a failure is written to its ``summary.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)
+    run.cell_config.write_text(dump_config(cell.config))
+    try:
+        error = launch(run.cell_config, out, ray_cpus)
+    except Exception as err:  # a cell's failure must not stop the study
+        error = f"{type(err).__name__}: {err}"
+    status = rundir.run_status(run)
+    if error is None and status == rundir.COMPLETED:
+        return rundir.COMPLETED
+    summary = (rundir.read_summary(run) or {}) if status == rundir.FAILED else {}
+    summary.update({"status": rundir.FAILED, "error": summary.get("error") or error or "unknown"})
+    rundir.write_summary(run, summary)
+    return rundir.FAILED
+
+
+def run_study(
+    study: Study,
+    out: Path,
+    parallel: int = 1,
+    echo: Callable[[str], Any] = print,
+    launch: Launcher = launch_subprocess,
+) -> dict[str, str]:
+    """Run every cell not yet completed (``parallel`` at once); return each cell's status."""
+    folder = StudyDir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_study(
+        folder,
+        {
+            "source": str(study.path),
+            "axes": list(study.axes),
+            "target_accuracy": study.target_accuracy,
+            "cells": [{"id": c.id, "axes": c.axes} for c in study.cells],
+        },
+    )
+    statuses = {c.id: rundir.run_status(folder.run(c.id)) for c in study.cells}
+    todo = [c for c in study.cells if statuses[c.id] != rundir.COMPLETED]
+    echo(
+        f"study: {len(study.cells)} cells, {len(study.cells) - len(todo)} already completed, "
+        f"{len(todo)} to run, {parallel} at a time -> {out}/"
+    )
+    # With several cells at once, each cell's Ray gets its share of the cores.
+    ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
+    start, done = time.time(), [0]
+
+    def work(cell: Cell) -> None:
+        status = run_cell(cell, folder.run(cell.id).path, ray_cpus, launch)
+        statuses[cell.id] = status
+        done[0] += 1
+        echo(f"[{done[0]}/{len(todo)}] {cell.id}: {status} ({time.time() - start:.0f} s elapsed)")
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        list(pool.map(work, todo))
+    return statuses

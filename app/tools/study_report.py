@@ -1,0 +1,398 @@
+"""A study's results table and report, rebuilt from its run directories alone.
+
+``results.csv``: a row per cell. ``report.md``: the accuracy table (mean +- std over seeds, best
+per column in bold), accuracy-vs-round curves, accuracy vs heterogeneity, the label
+distribution of each partition and the per-client accuracy spread under the strongest skew.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app import rundir
+from app.config import Config
+from app.data.partitions import label_entropy
+from app.rundir import RESULT_COLUMNS, StudyDir
+from app.tools import plots
+from app.tools.partitions import partition_views
+from app.tools.run_report import write_diagnostics
+from app.tools.study import axis_label
+
+PARTITION_KEY, SEED_KEY = "data.partition", "seed"
+
+
+@dataclass
+class CellResult:
+    id: str
+    axes: dict[str, Any]
+    config: Config | None
+    summary: dict[str, Any]
+    curve: list[tuple[int, float]]  # (round, test accuracy) where evaluated
+    client_acc: list[float]  # last round, global model on each client's validation split
+    row: str
+    column: str
+
+    @property
+    def completed(self) -> bool:
+        return self.summary.get("status") == rundir.COMPLETED
+
+    @property
+    def final(self) -> float:
+        return (self.summary.get("final") or {}).get("test_accuracy", math.nan)
+
+
+def _resolved(cfg: Config | None, key: str) -> Any:
+    node: Any = cfg.to_dict() if cfg else {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _load_cell(
+    study: StudyDir, cid: str, axes: dict[str, Any], study_axes: list[str]
+) -> CellResult:
+    run = study.run(cid)
+    cfg = rundir.run_config(run)
+    summary = rundir.read_summary(run) or {"status": rundir.PENDING}
+    curve = rundir.metric_curve(run, "test_accuracy")
+    clients = rundir.read_csv(run.clients)
+    last = max((int(r["round"]) for r in clients), default=None)
+    client_acc = []
+    for r in clients:
+        if int(r["round"]) == last:
+            acc = rundir.cell_float(r["global_val_accuracy"])
+            acc = rundir.cell_float(r["val_accuracy"]) if math.isnan(acc) else acc
+            if not math.isnan(acc):
+                client_acc.append(acc)
+
+    def label(key: str) -> str:
+        value = axes[key] if key in axes else _resolved(cfg, key)
+        if isinstance(value, bool):  # a switch: named when on, left out when off
+            return key.split(".")[-1] if value else ""
+        return axis_label(value)
+
+    row_keys = [k for k in study_axes if k not in (PARTITION_KEY, SEED_KEY)]
+    row = ", ".join(filter(None, (label(k) for k in row_keys))) or (cfg.model.norm if cfg else cid)
+    column = label(PARTITION_KEY) if PARTITION_KEY in study_axes else "all"
+    return CellResult(cid, axes, cfg, summary, curve, client_acc, row, column)
+
+
+def load_results(out: Path) -> tuple[dict[str, Any], list[CellResult]]:
+    study = StudyDir(out)
+    meta = rundir.read_study(study)
+    cells = [_load_cell(study, c["id"], c["axes"], meta["axes"]) for c in meta["cells"]]
+    return meta, cells
+
+
+def _worst10(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    k = max(1, math.ceil(0.1 * len(values)))
+    return float(np.mean(sorted(values)[:k]))
+
+
+def write_results_csv(out: Path, cells: list[CellResult], target: float | None) -> Path:
+    path = StudyDir(out).results
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for c in cells:
+            cfg, s = c.config, c.summary
+            reached = [r for r, acc in c.curve if target is not None and acc >= target]
+            part = cfg.data.partition if cfg else None
+            writer.writerow(
+                {
+                    "cell": c.id,
+                    "status": s.get("status", rundir.PENDING),
+                    "row": c.row,
+                    "column": c.column,
+                    "dataset": cfg.data.dataset if cfg else "",
+                    "arch": cfg.model.arch if cfg else "",
+                    "norm": cfg.model.norm if cfg else "",
+                    "strategy": cfg.federation.strategy if cfg else "",
+                    "partition": part.kind if part else "",
+                    "alpha": part.alpha if part and part.kind in ("dirichlet", "quantity") else "",
+                    "seed": cfg.seed if cfg else "",
+                    "final_test_accuracy": c.final if c.completed else "",
+                    "best_test_accuracy": (s.get("best") or {}).get("test_accuracy", ""),
+                    "best_round": (s.get("best") or {}).get("round", ""),
+                    "final_test_loss": (s.get("final") or {}).get("test_loss", ""),
+                    "client_val_mean": np.mean(c.client_acc) if c.client_acc else "",
+                    "client_val_worst10": _worst10(c.client_acc) if c.client_acc else "",
+                    "round_to_target": reached[0] if reached else "",
+                    "rounds": s.get("rounds", ""),
+                    "wall_s": s.get("wall_s", ""),
+                    "error": s.get("error") or "",
+                }
+            )
+    return path
+
+
+def _ordered(values) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _final(cell: CellResult) -> float:
+    return cell.final
+
+
+def _client_mean(cell: CellResult) -> float:
+    return float(np.mean(cell.client_acc)) if cell.client_acc else math.nan
+
+
+def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> str:
+    """Markdown: rows x columns of mean +- std (over seeds) of ``value`` (default: the final
+    global test accuracy), the best of each column in bold (with ``bold``)."""
+    done = [c for c in cells if c.completed and not math.isnan(value(c))]
+    rows, cols = _ordered(c.row for c in cells), _ordered(c.column for c in cells)
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for c in done:
+        acc[(c.row, c.column)].append(value(c))
+    means = {k: float(np.mean(v)) for k, v in acc.items()}
+    best = {col: max((m for (r, c), m in means.items() if c == col), default=None) for col in cols}
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in rows:
+        cells_md = []
+        for col in cols:
+            values = acc.get((row, col))
+            if not values:
+                cells_md.append("–")
+                continue
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            text = f"{np.mean(values):.4f} ± {std:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+            top = bold and means[(row, col)] == best[col]
+            cells_md.append(f"**{text}**" if top else text)
+        lines.append(f"| {row} | " + " | ".join(cells_md) + " |")
+    return "\n".join(lines)
+
+
+# The "Why" section: (quantity, which summary value, what the table shows); the quantities
+# are app.learn.diagnostics'.
+WHY = (
+    (
+        "update_cosine",
+        "mean",
+        "Update agreement: mean pairwise cosine of the client updates, "
+        "mean over rounds (1: clients pull the same way).",
+    ),
+    (
+        "drift_spread",
+        "mean",
+        "Client disagreement: mean ‖w_k - mean_j w_j‖ / ‖w_prev‖, mean over rounds.",
+    ),
+    (
+        "bn_divergence",
+        "mean",
+        "BN-statistics divergence: symmetric KL between each client's BN "
+        "running statistics and the aggregated ones, mean over channels, clients, layers and "
+        "rounds (only where BN statistics travel).",
+    ),
+    (
+        "bn_test_gap",
+        "final",
+        "Train/test statistics gap of the final global model: symmetric KL "
+        "between its BN running statistics and the batch statistics of the test data, mean over "
+        "layers (before any recalibration).",
+    ),
+)
+
+
+def _diagnostic(quantity: str, which: str):
+    def value(cell: CellResult) -> float:
+        entry = (cell.summary.get("diagnostics") or {}).get(quantity) or {}
+        return float(entry.get(which, math.nan))
+
+    return value
+
+
+def why_section(out: Path, cells: list[CellResult], figures: Path) -> list[str]:
+    """Markdown of the diagnostics next to the accuracy table, and a figure of each against
+    heterogeneity; empty when no cell recorded diagnostics."""
+    done = [c for c in cells if c.completed and c.summary.get("diagnostics")]
+    if not done:
+        return []
+    cols = _ordered(c.column for c in cells)
+    md = [
+        "## Why: what the federation did to the models",
+        "",
+        "Per-run diagnostics (`diagnostics.csv` in each run; `fedws diagnose RUN_DIR` plots "
+        "them). Strong label skew shows as low update agreement, high client disagreement "
+        "and, for BatchNorm, diverging client statistics and a global model whose running "
+        "statistics do not match what the test data produce.",
+        "",
+    ]
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for quantity, which, text in WHY:
+        value = _diagnostic(quantity, which)
+        if all(math.isnan(value(c)) for c in done):
+            continue
+        md += [f"{text}", "", accuracy_table(done, value, bold=False), ""]
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in _ordered(c.row for c in done):
+            for i, col in enumerate(cols):
+                values = [value(c) for c in done if c.row == row and c.column == col]
+                values = [v for v in values if not math.isnan(v)]
+                if values:
+                    series.setdefault(row, []).append((i, float(np.mean(values))))
+        panels[f"{quantity} ({which})"] = series
+    if panels:
+        log_y = tuple(t for t in panels if t.startswith("bn_"))
+        png = plots.line_panels(
+            panels, figures / "why_vs_heterogeneity.png", "partition", log_y, categories=cols
+        )
+        md += [f"![diagnostics vs heterogeneity]({png.relative_to(out)})", ""]
+    links = []
+    for c in done:
+        run = StudyDir(out).run(c.id)
+        if run.diagnostics.is_file():
+            links.append(f"[{c.row}, {c.column}]({write_diagnostics(run.path).relative_to(out)})")
+    if links:
+        md += ["Per run: " + " · ".join(links), ""]
+    return md
+
+
+def settings_line(cells: list[CellResult], axes: list[str]) -> str:
+    cfg = next((c.config for c in cells if c.config), None)
+    if cfg is None:
+        return ""
+    seeds = len({c.config.seed for c in cells if c.config})
+    d, p = cfg.data, cfg.data.partition
+    parts = [
+        f"dataset {d.dataset}"
+        + (" (SYNTHETIC)" if d.dataset == "synthetic" else "")
+        + (f" ({Path(d.root).name})" if d.dataset == "imagefolder" and d.root else ""),
+        f"{d.train_samples or 'all'} training samples",
+        f"{p.num_clients} clients",
+        f"{cfg.federation.rounds} rounds",
+        f"{cfg.model.arch} (width {cfg.model.width or 'default'})",
+        f"{cfg.train.local_epochs} local epoch(s), batch {cfg.train.batch_size}",
+        f"{cfg.optim.name} lr {cfg.optim.lr}",
+        f"{seeds} seed(s)",
+    ]
+    return "Settings: " + ", ".join(parts) + f". Varied: {', '.join(axes)}."
+
+
+def _partition_counts(cells: list[CellResult]) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Label counts (clients x classes) of each column's partition, from the data itself."""
+    first: dict[str, CellResult] = {}
+    for c in cells:
+        if c.config is not None:
+            first.setdefault(c.column, c)
+    views = partition_views([c.config.data for c in first.values()])
+    return {col: (v.counts, v.dataset.classes) for col, v in zip(first, views, strict=True)}
+
+
+def write_report(out: Path) -> Path:
+    """Write ``results.csv``, ``report.md`` and the PNGs under ``out/figures``."""
+    study = StudyDir(out)
+    meta, cells = load_results(out)
+    target = meta.get("target_accuracy")
+    write_results_csv(out, cells, target)
+    figures = study.figures
+    figures.mkdir(exist_ok=True)
+    done = [c for c in cells if c.completed]
+    failed = [c for c in cells if c.summary.get("status") == rundir.FAILED]
+    pending = [c for c in cells if c.summary.get("status") not in (rundir.COMPLETED, rundir.FAILED)]
+    cols = _ordered(c.column for c in cells)
+
+    md = [
+        "# fedws study report",
+        "",
+        f"Study `{meta.get('source')}`; {len(done)} of {len(cells)} cells completed"
+        + (f", {len(failed)} failed" if failed else "")
+        + (f", {len(pending)} not run" if pending else "")
+        + f". Written {dt.datetime.now().isoformat(timespec='seconds')} by `fedws report`.",
+        "",
+        "## Final global test accuracy",
+        "",
+        settings_line(cells, meta["axes"]) + " Mean ± std over seeds; best per column in bold.",
+        "",
+        accuracy_table(cells),
+        "",
+        "## Mean client accuracy",
+        "",
+        "The final global model on each client's own validation split (under FedBN with the "
+        "client's local BatchNorm layers): the personalised view, mean over clients, then mean "
+        "± std over seeds. FedBN keeps BN layers on the clients, so its global test accuracy "
+        "above measures a model with untrained BN layers; this table is its fair comparison.",
+        "",
+        accuracy_table(cells, _client_mean),
+        "",
+    ]
+    md += why_section(out, cells, figures)
+    if done:
+        curves = plots.accuracy_curves(
+            {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},
+            figures / "accuracy_vs_round.png",
+        )
+        md += ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
+        alpha_points = [
+            (c.row, c.config.data.partition.alpha, c.final)
+            for c in done
+            if c.config and c.config.data.partition.kind == "dirichlet"
+        ]
+        if len({a for _, a, _ in alpha_points}) >= 2:
+            png = plots.accuracy_vs_alpha(alpha_points, figures / "accuracy_vs_alpha.png")
+            md += [
+                "## Accuracy vs heterogeneity",
+                "",
+                "Final global accuracy against the Dirichlet concentration (smaller = more skew).",
+                "",
+                f"![accuracy vs alpha]({png.relative_to(out)})",
+                "",
+            ]
+    try:
+        counts = _partition_counts(cells)
+    except Exception as err:  # the data may be gone when a report is rebuilt elsewhere
+        counts = {}
+        md += [f"(Label distributions skipped: {err})", ""]
+    if counts:
+        md += ["## Label distributions", ""]
+        for i, (col, (matrix, classes)) in enumerate(counts.items()):
+            png = plots.label_heatmap(matrix, classes, figures / f"labels_{i}.png", col)
+            entropy = float(label_entropy(matrix).mean())
+            md += [
+                f"{col}: mean label entropy {entropy:.3f} bits",
+                "",
+                f"![{col}]({png.relative_to(out)})",
+                "",
+            ]
+    if done:
+        if counts:
+            strongest = min(counts, key=lambda col: float(label_entropy(counts[col][0]).mean()))
+        else:
+            strongest = min(
+                cols, key=lambda col: np.mean([c.final for c in done if c.column == col] or [1])
+            )
+        spread = {
+            row: [a for c in done if c.column == strongest and c.row == row for a in c.client_acc]
+            for row in _ordered(c.row for c in done)
+        }
+        spread = {k: v for k, v in spread.items() if v}
+        if spread:
+            png = plots.client_spread(spread, figures / "client_spread.png", strongest)
+            md += [
+                f"## Per-client accuracy under the strongest skew ({strongest})",
+                "",
+                "The final global model on each client's local validation split, all seeds pooled.",
+                "",
+                f"![client spread]({png.relative_to(out)})",
+                "",
+            ]
+    if failed:
+        md += (
+            ["## Failed cells", ""]
+            + [f"- `{c.id}`: {c.summary.get('error')}" for c in failed]
+            + [""]
+        )
+    study.report.write_text("\n".join(md))
+    return study.report

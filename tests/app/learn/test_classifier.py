@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import small_config
+
+from app.data.datasets import load_dataset
+from app.data.partitions import make_shard
+from app.learn.classifier import FedwsClassifier
+from app.learn.trainer import tensor_loader
+
+# fits here run without a validation loader on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+
+
+def quiet_trainer(**kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def shard_and_data():
+    cfg = small_config("data.synthetic.train_size=1200", "data.partition.num_clients=1")
+    ds = load_dataset(cfg.data)
+    shard = make_shard(ds, np.arange(len(ds.y_train)), 0, cfg.data)
+    return cfg, ds, shard
+
+
+def test_lightning_fit_learns_the_synthetic_task(shard_and_data):
+    cfg, ds, shard = shard_and_data
+    L.seed_everything(0, verbose=False)
+    module = FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes)
+    trainer = quiet_trainer(max_epochs=10)
+    trainer.fit(
+        module,
+        tensor_loader(shard.x_train, shard.y_train, 32, shuffle=True),
+        tensor_loader(shard.x_val, shard.y_val, 256),
+    )
+    metrics = trainer.callback_metrics
+    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(metrics)
+    assert metrics["val_acc"] > 0.5  # chance is 0.1
+    (test,) = trainer.test(
+        module, tensor_loader(ds.normalize(ds.x_test), ds.y_test, 256), verbose=False
+    )
+    assert test["test_acc"] > 0.5 and np.isfinite(test["test_loss"])
+
+
+def test_checkpoint_reloads_the_same_model(shard_and_data, tmp_path):
+    cfg, ds, shard = shard_and_data
+    module = FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
+    trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 32))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = FedwsClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.hparams.norm == "ws_gn" and loaded.hparams.model_options == {
+        "gn_groups": 8,
+        "width": 8,
+    }
+    module.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(shard.x_val), module(shard.x_val))
+
+
+@pytest.mark.parametrize(
+    ("override", "cls", "check"),
+    [
+        ("optim.name=sgd", torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
+        ("optim.nesterov=true", torch.optim.SGD, {"nesterov": True}),
+        ("optim.name=adam", torch.optim.Adam, {"weight_decay": 0.001}),
+        ("optim.name=adamw", torch.optim.AdamW, {"weight_decay": 0.001}),
+    ],
+)
+def test_optimizer_comes_from_config(override, cls, check):
+    cfg = small_config("optim.lr=0.01", "optim.weight_decay=0.001", override)
+    opt = FedwsClassifier.from_config(cfg, 1, 10).configure_optimizers()
+    assert type(opt) is cls
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.01
+    assert all(group[k] == v for k, v in check.items())
+
+
+def test_proximal_term_is_on_only_for_fedprox():
+    assert FedwsClassifier.from_config(small_config(), 1, 10).hparams.proximal_mu == 0.0
+    cfg = small_config("federation.strategy=fedprox", "federation.proximal_mu=0.5")
+    assert FedwsClassifier.from_config(cfg, 1, 10).hparams.proximal_mu == 0.5
+
+
+def test_proximal_term_value():
+    module = FedwsClassifier("cnn", "gn", 1, 10, model_options={"width": 4}, proximal_mu=0.5)
+    assert module.proximal_term().item() == 0.0  # no anchor yet
+    module.set_global_weights()
+    assert module.proximal_term().item() == 0.0
+    with torch.no_grad():
+        module.model.classifier.bias.add_(2.0)  # 10 entries moved by 2
+    assert module.proximal_term().item() == pytest.approx(0.5 / 2 * 10 * 4.0)
+
+
+def test_proximal_term_keeps_local_weights_near_the_global_ones(shard_and_data):
+    shard = shard_and_data[2]
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        module = FedwsClassifier("cnn", "gn", 1, 10, model_options={"width": 8}, proximal_mu=mu)
+        start = [p.detach().clone() for p in module.parameters()]
+        module.set_global_weights()
+        quiet_trainer(max_steps=15, limit_val_batches=0).fit(
+            module, tensor_loader(shard.x_train, shard.y_train, 32, shuffle=True)
+        )
+        return sum(
+            (p.detach() - s).pow(2).sum().item()
+            for p, s in zip(module.parameters(), start, strict=True)
+        )
+
+    assert drift(5.0) < 0.7 * drift(0.0)
+
+
+def test_tensor_loader_batches_cover_the_data_once_and_shuffle_by_seed():
+    x, y = torch.arange(10).float()[:, None], torch.arange(10)
+    batches = list(tensor_loader(x, y, 4))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[1] for b in batches]), y)
+    order = lambda s: torch.cat([b[1] for b in tensor_loader(x, y, 4, shuffle=True, seed=s)])  # noqa: E731
+    assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
+    assert sorted(order(1).tolist()) == list(range(10))
+    xb, yb = next(iter(tensor_loader(x, y, 4, shuffle=True, seed=1)))
+    assert torch.equal(xb[:, 0].long(), yb)  # images stay with their labels

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import REPO, SMALL
+
+from app.nn.models import list_models
+from app.nn.norms import NORMS
+from app.tools.cli import main
+
+COMMANDS = ("run", "study", "report", "diagnose", "deploy", "partitions", "models")
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    # each command starts its own line of the command list, with its help beside or below it
+    listed = re.findall(r"^ {4}(\w+)(?: {2,}\S|$)", text, flags=re.M)
+    assert tuple(listed) == COMMANDS
+    for command in COMMANDS:  # and each is a working subcommand with its own --help
+        with pytest.raises(SystemExit) as sub:
+            main([command, "--help"])
+        assert sub.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: fedws {command} ")
+
+
+def test_partitions_writes_table_csv_and_heatmap(tmp_path, capsys):
+    config = tmp_path / "small.yaml"
+    raw = {**SMALL, "data": {**SMALL["data"], "partition": {"kind": "pathological"}}}
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert (
+        main(["partitions", str(config), "-o", str(out), "--set", "data.partition.num_clients=10"])
+        == 0
+    )
+    stdout = capsys.readouterr().out
+    assert "[SYNTHETIC DATA]" in stdout
+    assert "pathological, 10 clients" in stdout
+    table = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["0"], ["9"])]
+    assert len(table) == 2 and all(int(row[4]) <= 2 for row in table)  # classes per client
+
+    with open(out / "partitions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["client", "label", "count"]
+    assert len(rows) == 10 * 10  # every client x every label, zeros included
+    assert sum(int(r["count"]) for r in rows) == 600  # every class has a first owner
+    counts = np.zeros((10, 10), dtype=int)
+    for r in rows:
+        counts[int(r["client"]), int(r["label"])] = int(r["count"])
+    assert ((counts > 0).sum(axis=1) <= 2).all()
+    png = out / "label_distribution.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_table_has_every_arch_and_norm(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert {(r[0], r[1]) for r in rows} == {(a, n) for a in list_models() for n in NORMS}
+    bn_column = {(r[0], r[1]): r[3] for r in rows}
+    assert bn_column[("cnn", "bn")] == "yes" and bn_column[("resnet20", "nf")] == "no"
+
+
+def test_console_script_runs_the_quickstart_partitions(tmp_path):
+    """The README's main job, through the installed console script, on the real data."""
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "fedws"),
+            "partitions",
+            "configs/quickstart.yaml",
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "dirichlet, 10 clients" in proc.stdout
+    assert "assigned 60000 of 60000 samples" in proc.stdout
+    assert (tmp_path / "partitions.csv").exists()
+
+
+def test_run_with_missing_data_fails_before_starting_ray(tmp_path, capsys, no_fedws_data):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  dataset: cifar10\n  root: {tmp_path / 'nothing'}\n")
+    assert main(["run", str(config), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset 'cifar10' not found" in err
+    assert not (tmp_path / "out").exists()

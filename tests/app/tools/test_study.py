@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import FEDWS, REPO, SMALL, InProcessGrid, set_task_identity
+
+from app.config import ConfigError, load_config
+from app.tools.study import cell_id, load_study, run_study
+from app.tools.study_report import accuracy_table, load_results, write_report
+from clients.client_app import app as client_app
+from server.server_app import run_federation
+
+TINY = {
+    **SMALL,
+    "data": {**SMALL["data"], "synthetic": {"train_size": 300, "test_size": 100, "image_size": 12}},
+    "federation": {"rounds": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    set_task_identity(monkeypatch)
+
+
+def write_study(tmp_path: Path, study: dict) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(TINY))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", **study}, sort_keys=False))
+    return path
+
+
+GRID = {
+    "grid": {
+        "model.norm": ["bn", "ws_gn"],
+        "data.partition": [{"kind": "iid"}, {"kind": "dirichlet", "alpha": 0.5}],
+    },
+}
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def in_process(fail: tuple[str, ...] = (), launched: list[str] | None = None):
+    """A cell launcher without Ray: the ServerApp and ClientApp in this process."""
+
+    def launch(config: Path, out: Path, ray_cpus):
+        if launched is not None:
+            launched.append(out.name)
+        if out.name in fail:
+            raise RuntimeError("injected failure")
+        cfg = load_config(config)
+        run_federation(InProcessGrid(client_app, cfg.data.partition.num_clients), cfg, out)
+        return None
+
+    return launch
+
+
+def test_grid_and_extra_expand_into_cells(tmp_path):
+    path = write_study(
+        tmp_path,
+        {
+            **GRID,
+            "overrides": {"federation.rounds": 2},
+            "extra": [{"model.norm": "bn", "federation.strategy": "fedbn"}],
+        },
+    )
+    study = load_study(path)
+    ids = [c.id for c in study.cells]
+    assert ids == [
+        "norm-bn_partition-iid",
+        "norm-bn_partition-dirichlet-0.5",
+        "norm-ws_gn_partition-iid",
+        "norm-ws_gn_partition-dirichlet-0.5",
+        "norm-bn_strategy-fedbn_partition-iid",
+        "norm-bn_strategy-fedbn_partition-dirichlet-0.5",
+    ]
+    cell = study.cells[-1]
+    assert cell.config.federation.strategy == "fedbn" and cell.config.model.norm == "bn"
+    assert cell.config.data.partition.alpha == 0.5 and cell.config.federation.rounds == 2
+    assert study.cells[0].config.data.dataset == "synthetic"  # from the base, relative path
+    assert study.axes == ("model.norm", "data.partition", "federation.strategy")
+
+
+def test_cli_overrides_apply_to_every_cell(tmp_path):
+    study = load_study(write_study(tmp_path, GRID), ["federation.rounds=3"])
+    assert {c.config.federation.rounds for c in study.cells} == {3}
+
+
+def test_a_bad_cell_is_a_config_error_naming_it(tmp_path):
+    path = write_study(tmp_path, {"grid": {"model.norm": ["bn", "batchnorm"]}})
+    with pytest.raises(ConfigError, match=r"cell norm-batchnorm: model\.norm: got 'batchnorm'"):
+        load_study(path)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_study(write_study(tmp_path, {"grids": {}}))
+
+
+def test_cell_ids_are_readable_folder_names():
+    assert cell_id({"model.norm": "nf_se", "seed": 2}) == "norm-nf_se_seed-2"
+    assert cell_id({"data.partition": {"kind": "pathological", "classes_per_client": 2}}) == (
+        "partition-pathological-2"
+    )
+
+
+def test_resume_skips_completed_cells_and_reruns_the_rest(tmp_path):
+    study = load_study(write_study(tmp_path, GRID))
+    out, launched = tmp_path / "out", []
+    statuses = run_study(study, out, launch=in_process(launched=launched), echo=lambda m: None)
+    assert set(statuses.values()) == {"completed"} and len(launched) == 4
+
+    launched.clear()
+    run_study(study, out, launch=in_process(launched=launched), echo=lambda m: None)
+    assert launched == []  # nothing left to do
+
+    (out / "runs" / "norm-ws_gn_partition-iid" / "summary.json").unlink()  # "interrupted"
+    run_study(study, out, launch=in_process(launched=launched), echo=lambda m: None)
+    assert launched == ["norm-ws_gn_partition-iid"]
+
+
+def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
+    study = load_study(write_study(tmp_path, GRID))
+    out = tmp_path / "out"
+    bad = "norm-bn_partition-dirichlet-0.5"
+    statuses = run_study(study, out, launch=in_process(fail=(bad,)), echo=lambda m: None)
+    assert statuses[bad] == "failed"
+    assert sum(s == "completed" for s in statuses.values()) == 3
+    write_report(out)
+    rows = {r["cell"]: r for r in read_rows(out / "results.csv")}
+    assert rows[bad]["status"] == "failed" and "injected failure" in rows[bad]["error"]
+    assert rows["norm-bn_partition-iid"]["status"] == "completed"
+    assert f"`{bad}`: RuntimeError: injected failure" in (out / "report.md").read_text()
+
+
+def test_report_table_is_mean_and_std_over_seeds_with_best_in_bold(tmp_path):
+    study = load_study(
+        write_study(tmp_path, {"grid": {**GRID["grid"], "seed": [0, 1]}}),
+    )
+    out = tmp_path / "out"
+    run_study(study, out, launch=in_process(), echo=lambda m: None)
+    _, cells = load_results(out)
+    table = accuracy_table(cells).splitlines()
+    assert table[0] == "| | iid | Dir(0.5) |"
+    body = table[2:]
+    assert [line.split(" | ")[0] for line in body] == ["| bn", "| ws_gn"]
+    assert all("±" in line for line in body)
+    cols = ["iid", "Dir(0.5)"]
+    for i, col in enumerate(cols, start=1):  # the bold entry is the best row's mean, only it
+        means = {
+            row: np.mean([c.final for c in cells if c.row == row and c.column == col])
+            for row in ("bn", "ws_gn")
+        }
+        assert means["bn"] != means["ws_gn"]  # no tie, so one bold entry
+        best = max(means, key=means.get)
+        bold = [line.split(" | ")[0][2:] for line in body if "**" in line.split(" | ")[i]]
+        assert bold == [best], (col, means, table)
+        cell = next(line for line in body if line.startswith(f"| {best} ")).split(" | ")[i]
+        assert cell.startswith(f"**{means[best]:.4f} ± ")
+
+
+def test_report_explains_why_with_diagnostics_and_names_switch_axes(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            {**GRID, "extra": [{"model.norm": "bn", "server.bn_recalibration": True}]},
+        )
+    )
+    out = tmp_path / "out"
+    run_study(study, out, launch=in_process(), echo=lambda m: None)
+    report = write_report(out).read_text()
+    _, cells = load_results(out)
+    assert [c.row for c in cells if c.column == "iid"] == ["bn", "ws_gn", "bn, bn_recalibration"]
+    why = report.split("## Why")[1]
+    assert "| | iid | Dir(0.5) |" in why and "| bn, bn_recalibration |" in why
+    assert "Update agreement" in why and "BN-statistics divergence" in why
+    assert "**" not in why.split("Update agreement")[1]  # no "best" for a diagnostic
+    assert (out / "figures" / "why_vs_heterogeneity.png").stat().st_size > 1000
+    for c in cells:  # each run gets its diagnostics.md, linked from the report
+        assert f"runs/{c.id}/diagnostics.md" in why
+        assert (out / "runs" / c.id / "diagnostics.md").is_file()
+
+
+def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
+    """The real path: `fedws study` runs each cell as `fedws run` (Ray), two at a time."""
+    path = write_study(tmp_path, GRID)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            *FEDWS,
+            "study",
+            str(path),
+            "-o",
+            str(out),
+            "--parallel",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = read_rows(out / "results.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    assert all(0 <= float(r["final_test_accuracy"]) <= 1 for r in rows)
+    assert all(float(r["client_val_mean"]) >= float(r["client_val_worst10"]) for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| | iid | Dir(0.5) |" in report and "SYNTHETIC" in report
+    pngs = list((out / "figures").glob("*.png"))
+    assert {p.name for p in pngs} >= {"accuracy_vs_round.png", "client_spread.png"}
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    for cell in ("norm-bn_partition-iid", "norm-ws_gn_partition-dirichlet-0.5"):
+        for name in ("config.yaml", "metrics.csv", "clients.csv", "summary.json"):
+            assert (out / "runs" / cell / name).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_and_study_is_valid(path):
+    if path.parent.name == "studies":
+        study = load_study(path)
+        assert study.cells and all(c.config.federation.rounds >= 1 for c in study.cells)
+    else:
+        load_config(path)
+
+
+def test_the_mechanism_and_cifar_cpu_studies_have_the_cells_they_promise():
+    mechanism = load_study(REPO / "configs" / "studies" / "bn_mechanism.yaml")
+    rows = {
+        (c.config.model.norm, c.config.federation.strategy, c.config.server.bn_recalibration)
+        for c in mechanism.cells
+    }
+    assert rows == {
+        ("bn", "fedavg", False),
+        ("bn", "fedavg", True),
+        ("bn", "fedbn", False),
+        ("ws_gn", "fedavg", False),
+    }
+    assert len(mechanism.cells) == 12
+    assert {c.config.data.dataset for c in mechanism.cells} == {"fashion_mnist"}
+    cifar = load_study(REPO / "configs" / "studies" / "bn_vs_ws_cifar10_cpu.yaml")
+    assert len(cifar.cells) == 12
+    assert {c.config.model.norm for c in cifar.cells} == {"bn", "gn", "ws_gn", "nf"}
+    assert all(
+        c.config.data.dataset == "imagefolder" and c.config.data.augmented for c in cifar.cells
+    )
