@@ -149,7 +149,7 @@ class ModelConfig:
     arch: str = "cnn"
     norm: str = "ws_gn"
     width: int | None = None  # channels of the first stage; the arch's default when null
-    gn_groups: int = 8  # upper bound on GroupNorm groups (the count used divides the channels)
+    gn_groups: int = 8  # GroupNorm uses the largest group count <= this dividing the channels
 
     def __post_init__(self) -> None:
         _one_of(self.arch, ARCHS, "arch")
@@ -172,6 +172,8 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    # weight decay on norm affines, scaled-WS gains and NF skip gains too (NFNets: not)
+    decay_norms: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.name, OPTIMIZERS, "name")
@@ -192,6 +194,8 @@ class TrainConfig:
     local_steps: int | None = None  # when set, overrides local_epochs
     eval_batch_size: int = 1024
     precision: str = "32-true"
+    # Lightning deterministic=True: deterministic algorithms only, cuDNN benchmark off (GPU)
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -221,7 +225,7 @@ class FederationConfig:
     server_momentum: float = 0.9  # fedavgm (Hsu et al. 2019 use 0.9)
     # fedadam / fedyogi / fedadagrad (Reddi et al. 2021); null keeps Flower's default
     eta: float | None = None
-    eta_l: float | None = None
+    eta_l: float | None = None  # refused: the clients' learning rate is optim.lr
     beta_1: float | None = None
     beta_2: float | None = None
     tau: float | None = None
@@ -243,27 +247,24 @@ class FederationConfig:
             "server_momentum",
             f"must be in [0, 1), got {self.server_momentum}",
         )
-        for name in ("eta", "eta_l", "tau"):
+        for name in ("eta", "tau"):
             value = getattr(self, name)
             _check(value is None or value > 0, name, f"must be > 0 or null, got {value}")
+        _check(
+            self.eta_l is None,
+            "eta_l",
+            "is the clients' learning rate (Reddi et al.'s eta_l), which fedws clients take "
+            f"from optim.lr: set optim.lr instead, got {self.eta_l}",
+        )
         for name in ("beta_1", "beta_2"):
             value = getattr(self, name)
             _check(value is None or 0 <= value < 1, name, f"must be in [0, 1), got {value}")
 
     def strategy_options(self) -> dict[str, float]:
-        """Hyper-parameters of the chosen Flower strategy class, as its keyword arguments."""
+        """Keyword arguments of the chosen Flower strategy class (the server optimizers'
+        settings go to ``app.learn.server_optim``, not to Flower)."""
         if self.strategy == "fedprox":
             return {"proximal_mu": self.proximal_mu}
-        if self.strategy == "fedavgm":
-            return {
-                "server_learning_rate": self.server_learning_rate,
-                "server_momentum": self.server_momentum,
-            }
-        if self.strategy in ("fedadam", "fedyogi", "fedadagrad"):
-            names = ["eta", "eta_l", "tau"]
-            if self.strategy != "fedadagrad":
-                names += ["beta_1", "beta_2"]
-            return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         return {}
 
 

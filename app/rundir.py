@@ -63,9 +63,13 @@ METRIC_COLUMNS = (
     "test_loss",
     "train_loss",
     "val_accuracy",
+    "global_val_accuracy",
+    "global_val_loss",
     "clients_ok",
     "clients_failed",
     "clients_rejected",
+    "eval_ok",
+    "eval_failed",
     "round_s",
 )
 CLIENT_COLUMNS = (
@@ -78,6 +82,7 @@ CLIENT_COLUMNS = (
     "fit_s",
     "global_val_accuracy",
     "global_val_loss",
+    "local_state_round",
 )
 DIAGNOSTIC_COLUMNS = ("round", "quantity", "layer", "value")
 RESULT_COLUMNS = (
@@ -93,18 +98,21 @@ RESULT_COLUMNS = (
     "alpha",
     "seed",
     "final_test_accuracy",
-    "best_test_accuracy",
-    "best_round",
     "final_test_loss",
+    "best_val_round",
+    "best_val_accuracy",
+    "test_accuracy_at_best_val",
     "client_val_mean",
     "client_val_worst10",
-    "round_to_target",
+    "test_round_to_target",
     "rounds",
     "wall_s",
     "error",
 )
 
-PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
+PENDING, COMPLETED, FAILED, DIVERGED = "pending", "completed", "failed", "diverged"
+FINISHED = (COMPLETED, DIVERGED)  # a result: a study does not run these cells again
+SELECTED_BY = "global_val_accuracy"  # the metrics.csv column the best round is chosen by
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,18 @@ def run_status(run: RunDir) -> str:
 
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
-    run.summary.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    """``summary.json``; a non-finite number (a diverged run's loss) is written as null."""
+    run.summary.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def read_config(path: Path) -> Config:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import statistics
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app import rundir
 from app.config import Config, build
 from app.learn.runtime import dataset, new_module, partitions, round_seed, shard
 from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
@@ -74,8 +74,8 @@ def run_fedws(cfg: Config, out: Path) -> dict[str, float]:
     start = time.perf_counter()
     summary = run(cfg, out, progress=False)
     wall = time.perf_counter() - start
-    with open(out / "metrics.csv") as f:
-        round_s = [float(r["round_s"]) for r in csv.DictReader(f) if int(r["round"]) > 0]
+    rows = rundir.read_csv(rundir.RunDir(out).metrics)
+    round_s = [float(r["round_s"]) for r in rows if int(r["round"]) > 0]
     per_round = statistics.mean(round_s[1:])
     return {
         "s_per_round": per_round,

@@ -1,7 +1,8 @@
 """The Flower ClientApp: local Lightning fit and evaluation on this node's shard.
 
 Thin by design (Flower's quickstart-pytorch-lightning habit): the model, data and state policy
-live in ``app/``. The node's shard is chosen by ``partition-id`` in its node config.
+live in ``app/``. The node's shard is chosen by ``partition-id`` in its node config; its local
+state is kept on the node (``clients.local_state``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import dataclasses
 import math
 import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from app.config import Config
@@ -21,7 +22,8 @@ from app.data.partitions import ClientShard
 from app.learn.classifier import FedwsClassifier
 from app.learn.runtime import (
     CONFIG_KEY,
-    STATE_DIR_KEY,
+    PARTITION_KEY,
+    RUN_KEY,
     config_from_text,
     dataset,
     new_module,
@@ -30,25 +32,41 @@ from app.learn.runtime import (
 )
 from app.learn.state import StatePolicy, load_partial, select, state_policy
 from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
+from clients.local_state import LocalStateStore, state_root
 
 # Lightning's fork check can hang inside Ray actors (see Lightning issue 18640 and Flower docs)
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 LOCAL_STATE_KEY = "fedws.local"  # Context.state entry: tensors that never leave this node
+LOCAL_ROUND_KEY = "fedws.local-round"  # ... and the round they come from
 
 app = ClientApp()
 
 
-def _prepare(
-    msg: Message, context: Context
-) -> tuple[Config, ClientShard, FedwsClassifier, StatePolicy]:
+@dataclass
+class Local:
+    """What one message works with on this node."""
+
+    cfg: Config
+    shard: ClientShard
+    module: FedwsClassifier
+    policy: StatePolicy
+    store: LocalStateStore
+    server_round: int
+    state_round: int  # the round of the local state loaded (0: none, fresh layers)
+
+
+def _prepare(msg: Message, context: Context, before_round: int) -> Local:
     """Config from the message, this node's shard, and the model holding the global arrays
-    plus this node's local state (FedBN layers, BN counters) from earlier rounds."""
+    plus this client's newest local state (FedBN layers, BN counters) from a round before
+    ``before_round``: kept in ``Context.state`` while this process lives, on this node's disk
+    for the next process (a resumed run, a restarted node)."""
     quiet_lightning()
-    cfg = config_from_text(str(msg.content["config"][CONFIG_KEY]))
+    config = msg.content["config"]
+    cfg = config_from_text(str(config[CONFIG_KEY]))
     if context.node_config.get("data-path"):  # a deployed node's own copy of the data
         data = dataclasses.replace(cfg.data, root=str(context.node_config["data-path"]))
         cfg = dataclasses.replace(cfg, data=data)
-    client = int(context.node_config["partition-id"])
+    client = _partition(context)
     num_partitions = int(context.node_config["num-partitions"])
     if num_partitions != cfg.data.partition.num_clients:
         raise ValueError(
@@ -60,35 +78,37 @@ def _prepare(
     module = new_module(cfg, dataset(cfg.data))
     policy = state_policy(module.model, cfg.federation.strategy)
     load_partial(module.model, msg.content["arrays"].to_torch_state_dict(), policy.travel)
-    if LOCAL_STATE_KEY not in context.state:  # a new process: a resumed run's saved state
-        saved = _state_file(msg, client, int(msg.content["config"]["server-round"]) - 1)
-        if saved is not None and saved.is_file():
-            local = torch.load(saved, weights_only=True, map_location="cpu")
-            context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
-    if LOCAL_STATE_KEY in context.state:
-        local = context.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    store = LocalStateStore(state_root(context.node_config), str(config[RUN_KEY]), client)
+    state_round, local = _newest_state(context, store, before_round)
+    if local is not None:
         load_partial(module.model, local, policy.local)
-    return cfg, local_shard, module, policy
+    server_round = int(config["server-round"])
+    return Local(cfg, local_shard, module, policy, store, server_round, state_round)
 
 
-def _state_file(msg: Message, client: int, server_round: int) -> Path | None:
-    folder = msg.content["config"].get(STATE_DIR_KEY)
-    return Path(str(folder)) / f"client-{client}.round-{server_round}.pt" if folder else None
+def _partition(context: Context) -> int:
+    return int(context.node_config["partition-id"])
 
 
-def _save_local_state(msg: Message, client: int, server_round: int, local: dict) -> None:
-    """Keep this round's local state on disk (atomically) so a resumed run finds it; the
-    file of two rounds ago is no longer needed."""
-    path = _state_file(msg, client, server_round)
-    if path is None or not local:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(local, tmp)
-    os.replace(tmp, path)
-    old = _state_file(msg, client, server_round - 2)
-    if old is not None:
-        old.unlink(missing_ok=True)
+def _newest_state(
+    context: Context, store: LocalStateStore, before_round: int
+) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(round, state) of this client's newest local state from a round < ``before_round``;
+    (0, None) when it has none (it never trained)."""
+    if LOCAL_STATE_KEY in context.state:
+        held = int(context.state[LOCAL_ROUND_KEY]["round"])
+        if held < before_round:
+            return held, context.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    saved = store.load(before_round)
+    if saved is None:
+        return 0, None
+    _keep(context, *saved)
+    return saved
+
+
+def _keep(context: Context, server_round: int, local: dict[str, torch.Tensor]) -> None:
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
+    context.state[LOCAL_ROUND_KEY] = ConfigRecord({"round": server_round})
 
 
 def _validate(cfg: Config, module: FedwsClassifier, local_shard: ClientShard) -> dict[str, float]:
@@ -99,10 +119,23 @@ def _validate(cfg: Config, module: FedwsClassifier, local_shard: ClientShard) ->
     return {"val_accuracy": float(metrics["val_acc"]), "val_loss": float(metrics["val_loss"])}
 
 
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """Which partition this node holds: the server samples clients by partition id."""
+    metrics = MetricRecord(
+        {
+            PARTITION_KEY: _partition(context),
+            "num-partitions": int(context.node_config["num-partitions"]),
+        }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, local_shard, module, policy = _prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    local = _prepare(msg, context, before_round=server_round)
+    cfg, local_shard, module, policy = local.cfg, local.shard, local.module, local.policy
     if cfg.faults.fails(local_shard.client, server_round):
         raise RuntimeError(f"injected fault: client {local_shard.client}, round {server_round}")
     if module.hparams.proximal_mu > 0:
@@ -123,15 +156,16 @@ def train(msg: Message, context: Context) -> Message:
     val = _validate(cfg, module, local_shard)
 
     state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    local = select(state, policy.local)
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
-    _save_local_state(msg, local_shard.client, server_round, local)
+    kept = select(state, policy.local)
+    if kept:
+        _keep(context, server_round, kept)
+        local.store.save(server_round, kept)
     if cfg.faults.poisons(local_shard.client, server_round):
         state[policy.travel[0]] = torch.full_like(state[policy.travel[0]], float("nan"))
     metrics = MetricRecord(
         {
             "num-examples": local_shard.num_train,
-            "partition-id": local_shard.client,
+            PARTITION_KEY: local_shard.client,
             "train_loss": train_loss,
             "fit_s": fit_s,
             **val,
@@ -143,13 +177,23 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """The personalised view: the global model (with this node's local state) on local data."""
-    cfg, local_shard, module, _ = _prepare(msg, context)
+    """The personalised view: the global model (with this client's local layers) on local
+    data. A client whose strategy keeps layers on the node (FedBN) but that never trained has
+    no such layers yet: it reports ``local-state-round`` 0 and no accuracy, never the score of
+    untrained layers."""
+    server_round = int(msg.content["config"]["server-round"])
+    local = _prepare(msg, context, before_round=server_round + 1)
+    personal = bool(local.policy.personal)
+    if personal and local.state_round == 0:
+        val = {"val_accuracy": math.nan, "val_loss": math.nan}
+    else:
+        val = _validate(local.cfg, local.module, local.shard)
     metrics = MetricRecord(
         {
-            "num-examples": local_shard.num_val,
-            "partition-id": local_shard.client,
-            **_validate(cfg, module, local_shard),
+            "num-examples": local.shard.num_val,
+            PARTITION_KEY: local.shard.client,
+            "local-state-round": local.state_round if personal else -1,
+            **val,
         }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

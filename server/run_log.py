@@ -124,21 +124,40 @@ class RunLog:
             writer.writerows(clients)
 
     def best(self) -> dict[str, float] | None:
-        evaluated = [r for r in self.rows if not math.isnan(r["test_accuracy"])]
-        return max(evaluated, key=lambda r: r["test_accuracy"]) if evaluated else None
+        """The round chosen on validation data, never on the test split: the highest
+        ``global_val_accuracy`` (the global model on the clients' validation splits, weighted
+        by their size) among the rounds whose test accuracy was measured; the earliest on a
+        tie. None without validation data (``data.val_fraction: 0``)."""
+        candidates = [
+            r
+            for r in self.rows
+            if math.isfinite(r[rundir.SELECTED_BY]) and math.isfinite(r["test_accuracy"])
+        ]
+        return max(candidates, key=lambda r: r[rundir.SELECTED_BY]) if candidates else None
 
-    def finish(self, status: str = rundir.COMPLETED, error: str | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        status: str = rundir.COMPLETED,
+        error: str | None = None,
+        diverged_round: int | None = None,
+    ) -> dict[str, Any]:
+        """Write ``summary.json``: ``final`` is the last round whose test accuracy was measured
+        (the headline), ``best`` the round ``best()`` chose, with the test accuracy at it."""
         for logger in self.loggers:
             logger.finalize(status="success" if status == rundir.COMPLETED else "failed")
         last = next((r for r in reversed(self.rows) if not math.isnan(r["test_accuracy"])), None)
-        best = self.best()
+        best = _pick(self.best())
+        if best is not None:
+            best = {**best, "val_accuracy": self.best()[rundir.SELECTED_BY]}
+            best["selected_by"] = rundir.SELECTED_BY
         trained = [r for r in self.rows if r["round"] > 0]
         summary = {
             "status": status,
             "error": error,
+            "diverged_round": diverged_round,
             "rounds": int(self.rows[-1]["round"]) if self.rows else 0,
             "final": _pick(last),
-            "best": _pick(best),
+            "best": best,
             "wall_s": round(time.time() - self.start, 3),
             "mean_round_s": (
                 round(sum(r["round_s"] for r in trained) / len(trained), 3) if trained else None

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import math
 import pickle
-import random
-import shutil
 import time
+import uuid
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from app import rundir
 from app.config import Config, dump_config, load_config
 from app.errors import ConfigError, FedwsError
 from app.learn import diagnostics
-from app.learn.runtime import CONFIG_KEY, STATE_DIR_KEY, dataset, new_module
+from app.learn.runtime import CONFIG_KEY, RUN_KEY, dataset, new_module
 from app.learn.state import select, state_policy
 from app.learn.trainer import quiet_lightning
 from app.rundir import RunDir
@@ -41,7 +40,8 @@ ProgressFn = Callable[[dict[str, float]], None]
 
 
 def _weighted_mean(per_client: dict[int, dict[str, float]], key: str) -> float:
-    pairs = [(m[key], m["num-examples"]) for m in per_client.values() if not math.isnan(m[key])]
+    """Sample-weighted mean of ``key`` over the clients that measured it (NaN: not measured)."""
+    pairs = [(m[key], m["num-examples"]) for m in per_client.values() if math.isfinite(m[key])]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
@@ -50,6 +50,7 @@ def _client_rows(server_round: int, replies: RoundReplies) -> list[dict[str, Any
     rows = []
     for client in sorted(set(replies.train) | set(replies.evaluate)):
         fit, ev = replies.train.get(client, {}), replies.evaluate.get(client, {})
+        state_round = int(ev.get("local-state-round", -1))
         rows.append(
             {
                 "round": server_round,
@@ -59,20 +60,29 @@ def _client_rows(server_round: int, replies: RoundReplies) -> list[dict[str, Any
                 "val_accuracy": fit.get("val_accuracy", ""),
                 "val_loss": fit.get("val_loss", ""),
                 "fit_s": round(fit["fit_s"], 4) if fit else "",
-                "global_val_accuracy": ev.get("val_accuracy", ""),
-                "global_val_loss": ev.get("val_loss", ""),
+                "global_val_accuracy": _measured(ev.get("val_accuracy")),
+                "global_val_loss": _measured(ev.get("val_loss")),
+                "local_state_round": state_round if state_round >= 0 else "",
             }
         )
     return rows
 
 
-def _random_state() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    return {"version": version, "internal": list(internal), "gauss": gauss}
+def _measured(value: float | None) -> float | str:
+    """A metric for the CSV: empty when it was not measured (absent or NaN)."""
+    return value if value is not None and math.isfinite(value) else ""
 
 
-def _set_random_state(state: dict[str, Any]) -> None:
-    random.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(torch.isfinite(a).all() for a in arrays.to_torch_state_dict().values())
+
+
+class RunDiverged(FedwsError):
+    """The global model's weights or test loss stopped being finite: a result, not a crash."""
+
+    def __init__(self, server_round: int, what: str) -> None:
+        super().__init__(f"diverged at round {server_round}: {what}")
+        self.server_round = server_round
 
 
 def read_checkpoint(out: Path) -> dict[str, Any] | None:
@@ -109,32 +119,31 @@ def run_federation(
     """Run every round of ``cfg`` on ``grid``; write the run directory; return the summary.
 
     ``resume``: continue an interrupted run of the same config in ``out`` after its last
-    checkpointed round, with the global weights, the server optimizer's state and the node
-    sampler's random state of that round: the rest of the run is what it would have been.
+    checkpointed round, with the global weights, the server optimizer's state and the run key
+    under which the nodes keep their clients' state: clients are drawn from (seed, round), so
+    the rest of the run is what it would have been.
     """
     quiet_lightning()
-    random.seed(cfg.seed)  # Flower's strategies sample nodes with the random module
     ds = dataset(cfg.data)
     module = new_module(cfg, ds)
     policy = state_policy(module.model, cfg.federation.strategy)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, module.model)
     if cfg.server.diagnostics:
         strategy.groups = diagnostics.layer_groups(module.model)
         strategy.bn_layers = tuple(diagnostics.bn_layers(module.model))
-    done, elapsed = 0, 0.0
+    done, elapsed, run_key = 0, 0.0, uuid.uuid4().hex
     run = RunDir(out)
-    client_state = run.client_state
     if resume:
         checkpoint = resume_point(cfg, out)
         done, point = checkpoint["fedws"]["round"], checkpoint["fedws"]["resume"]
         module.load_state_dict(checkpoint["state_dict"])
-        _set_random_state(point["random_state"])
         strategy.restore(point["strategy"])
         strategy.round_offset, elapsed = done, point["elapsed_s"]
-    elif client_state.is_dir():
-        shutil.rmtree(client_state)  # an earlier run's client state must not leak into this one
+        run_key = point.get("run_key", run_key)
     evaluator = GlobalEvaluator(cfg, ds, module, policy)
-    log = RunLog(cfg, out, ds.synthetic, resume_round=done if resume else None, elapsed_s=elapsed)
+    run_log = RunLog(
+        cfg, out, ds.synthetic, resume_round=done if resume else None, elapsed_s=elapsed
+    )
     rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
     clock = [time.perf_counter()]
 
@@ -142,8 +151,9 @@ def run_federation(
         if resume and step == 0:  # round `done` was evaluated before the interruption
             return None
         server_round = step + done
+        finite = _finite(arrays)
         evaluator.load(arrays)
-        due = server_round % eval_every == 0 or server_round in (0, rounds)
+        due = server_round % eval_every == 0 or server_round in (0, rounds) or not finite
         if due:
             test, evaluation_rows = evaluator.evaluate()
         else:
@@ -155,32 +165,33 @@ def run_federation(
             **test,
             "train_loss": _weighted_mean(replies.train, "train_loss"),
             "val_accuracy": _weighted_mean(replies.train, "val_accuracy"),
+            "global_val_accuracy": _weighted_mean(replies.evaluate, "val_accuracy"),
+            "global_val_loss": _weighted_mean(replies.evaluate, "val_loss"),
             "clients_ok": replies.ok,
             "clients_failed": replies.failed,
             "clients_rejected": replies.rejected,
+            "eval_ok": len(replies.evaluate),
+            "eval_failed": replies.eval_failed,
             "round_s": round(now - clock[0], 4) if step else 0.0,
         }
         clock[0] = now
         diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
-        log.log_round(row, _client_rows(server_round, replies), diagnosed)
-        point = {
-            "random_state": _random_state(),
-            "strategy": strategy.state(),
-            "elapsed_s": log.elapsed_s,
-        }
+        run_log.log_round(row, _client_rows(server_round, replies), diagnosed)
+        if not finite or (due and not math.isfinite(row["test_loss"])):
+            what = "non-finite global weights" if not finite else "non-finite test loss"
+            raise RunDiverged(server_round, what)
+        point = {"strategy": strategy.state(), "elapsed_s": run_log.elapsed_s, "run_key": run_key}
         evaluator.save_checkpoint(run.last_checkpoint, server_round, resume=point)
-        if due and log.best() is row:
+        if run_log.best() is row:
             evaluator.save_checkpoint(run.best_checkpoint, server_round)
         if progress is not None:
             progress(row)
         return MetricRecord(test) if due else None
 
     if done >= rounds:
-        return log.finish()
+        return run_log.finish()
     state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    config = ConfigRecord(
-        {CONFIG_KEY: dump_config(cfg), STATE_DIR_KEY: str(client_state.resolve())}
-    )
+    config = ConfigRecord({CONFIG_KEY: dump_config(cfg), RUN_KEY: run_key})
     try:
         strategy.start(
             grid=grid,
@@ -190,10 +201,13 @@ def run_federation(
             evaluate_config=ConfigRecord(dict(config)),
             evaluate_fn=evaluate_fn,
         )
+    except RunDiverged as err:
+        log(WARNING, "fedws: %s", err)
+        return run_log.finish(rundir.DIVERGED, str(err), diverged_round=err.server_round)
     except FedwsError as err:
-        log.finish(rundir.FAILED, str(err))
+        run_log.finish(rundir.FAILED, str(err))
         raise
-    return log.finish()
+    return run_log.finish()
 
 
 def make_server_app(

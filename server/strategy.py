@@ -1,36 +1,45 @@
-"""Strategy choice: Flower's own classes, with a thin recording layer on top.
+"""Strategy choice: Flower's own classes, with a thin layer on top.
 
 ``fedbn`` is Flower's FedAvg: what makes it FedBN is the state policy (``app/learn/state.py``),
-under which BatchNorm layers never leave the clients. The recording layer (a mixin placed before the
-Flower class in the MRO) counts successful and failed replies, keeps each client's metrics for
-``clients.csv``, and hands the replies to Flower sorted by client, so floating-point sums run in
-the same order every run (determinism).
+under which BatchNorm layers never leave the clients. ``fedavgm``, ``fedadam``, ``fedyogi`` and
+``fedadagrad`` are Flower's FedAvg too (sampling, messaging, the sample-weighted mean), followed
+by the global model's own server optimizer (``app.learn.server_optim``), which steps the
+trainable parameters only: BatchNorm statistics take the plain mean.
+
+The layer (a mixin placed before the Flower class in the MRO) chooses each round's clients by
+partition id from (seed, round) (``server.sampling``), counts successful and failed replies,
+keeps each client's metrics for ``clients.csv``, and hands the replies to Flower sorted by
+client, so floating-point sums run in the same order every run (determinism).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from app.config import Config
 from app.errors import FedwsError
 from app.learn import diagnostics
+from app.learn.server_optim import SERVER_OPTIMIZERS, ServerOptimizer
+from server.sampling import EVALUATE, TRAIN, PartitionMap, sample_partitions
 
 STRATEGY_CLASSES: dict[str, type[fl.FedAvg]] = {
     "fedavg": fl.FedAvg,
     "fedprox": fl.FedProx,
-    "fedavgm": fl.FedAvgM,
-    "fedadam": fl.FedAdam,
-    "fedyogi": fl.FedYogi,
-    "fedadagrad": fl.FedAdagrad,
-    "fedbn": fl.FedAvg,
+    "fedavgm": fl.FedAvg,  # + the server optimizer
+    "fedadam": fl.FedAvg,
+    "fedyogi": fl.FedAvg,
+    "fedadagrad": fl.FedAvg,
+    "fedbn": fl.FedAvg,  # + the FedBN state policy
 }
 
 
@@ -45,6 +54,7 @@ class RoundReplies:
     ok: int = 0
     failed: int = 0
     rejected: int = 0  # replies with NaN/Inf in an array, left out of the aggregate
+    eval_failed: int = 0  # evaluation replies that were errors (they never fail a round)
     errors: list[str] = field(default_factory=list)
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -92,7 +102,8 @@ def _finite(msg: Message) -> bool:
 
 
 class RecordingMixin:
-    """Records replies into ``self.rounds`` and sorts them by client before Flower aggregates.
+    """Chooses the clients, records replies into ``self.rounds``, sorts them by client before
+    Flower aggregates and applies the server optimizer to the mean.
 
     ``round_offset`` lets a resumed run continue at round k + 1: Flower's ``start`` counts
     from 1, the clients and the records see the true round. With ``groups`` set (a
@@ -103,41 +114,45 @@ class RecordingMixin:
     min_replies: int = 1
     round_offset: int = 0
     rounds: dict[int, RoundReplies]
+    clients: ClientSampler
+    server_optimizer: ServerOptimizer | None = None
     groups: dict[str, str] | None = None  # trainable parameter key -> layer group
     bn_layers: tuple[str, ...] = ()
     _sent: ArrayRecord  # the arrays sent this round
     _dtypes: dict[str, str]  # ... and their dtypes
 
+    def _messages(self, phase: int, server_round: int, arrays, config, grid) -> list[Message]:
+        server_round += self.round_offset
+        nodes = self.clients.nodes(grid, server_round, phase)
+        config["server-round"] = server_round
+        if isinstance(self, fl.FedProx):  # what Flower's FedProx adds to the config
+            config["proximal-mu"] = self.proximal_mu
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        kind = MessageType.TRAIN if phase == TRAIN else MessageType.EVALUATE
+        return list(self._construct_messages(record, nodes, kind))
+
     def configure_train(self, server_round: int, arrays, config, grid):
         self._sent = arrays
         self._dtypes = {k: a.dtype for k, a in arrays.items()}
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        return self._messages(TRAIN, server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays, config, grid):
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        if self.fraction_evaluate == 0.0:
+            return []
+        return self._messages(EVALUATE, server_round, arrays, config, grid)
 
     # --- what a resumed run needs of the strategy ------------------------------------------
 
-    _STATE = ("momentum_vector", "m_t", "v_t")  # FedAvgM's and FedOpt's server optimizer state
-
     def state(self) -> dict[str, Any]:
-        """The server optimizer's state as tensors (``torch.load(weights_only=True)`` safe)."""
-        out: dict[str, Any] = {}
-        for name in self._STATE:
-            value = getattr(self, name, None)
-            if isinstance(value, dict):
-                out[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
-            elif isinstance(value, list):
-                out[name] = [torch.from_numpy(np.array(v)) for v in value]
-        return out
+        """The server optimizer's state (``torch.load(weights_only=True)`` safe)."""
+        if self.server_optimizer is None:
+            return {}
+        return {"server_optimizer": self.server_optimizer.state_dict()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Undo ``state()``; the arrays the optimizer applies to come with the next round."""
-        for name, value in state.items():
-            if isinstance(value, dict):
-                setattr(self, name, {k: v.numpy() for k, v in value.items()})
-            else:
-                setattr(self, name, [v.numpy() for v in value])
+        """Undo ``state()``."""
+        if self.server_optimizer is not None and "server_optimizer" in state:
+            self.server_optimizer.load_state_dict(state["server_optimizer"])
 
     def _split(self, replies: Iterable[Message], record: RoundReplies) -> list[Message]:
         ok, failed = [], []
@@ -168,8 +183,13 @@ class RecordingMixin:
                 f"federation.min_clients is {self.min_replies}{detail}"
             )
         arrays, metrics = super().aggregate_train(server_round, ok)
-        if arrays is not None:  # server optimizers compute in float64: keep the model's dtypes
+        if arrays is not None:  # the weighted mean, in the model's dtypes
             aggregate = {k: np.asarray(a.numpy(), dtype=self._dtypes[k]) for k, a in arrays.items()}
+            if self.server_optimizer is not None:
+                previous = {k: torch.from_numpy(a.numpy()) for k, a in self._sent.items()}
+                mean = {k: torch.from_numpy(v) for k, v in aggregate.items()}
+                stepped = self.server_optimizer.step(previous, mean)
+                aggregate = {k: v.numpy().astype(self._dtypes[k]) for k, v in stepped.items()}
             arrays = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
             if self.groups is not None:
                 record.diagnostics = self._diagnose([_NumpyView(m) for m in ok], aggregate)
@@ -183,7 +203,17 @@ class RecordingMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         record = self.rounds.setdefault(server_round, RoundReplies())
-        ok = self._split(replies, RoundReplies())  # evaluation failures do not fail a round
+        counted = RoundReplies()
+        ok = self._split(replies, counted)  # evaluation failures do not fail a round
+        record.eval_failed = counted.failed
+        if counted.failed:
+            log(
+                WARNING,
+                "round %d: %d evaluation replies failed: %s",
+                server_round,
+                counted.failed,
+                "; ".join(counted.errors[:3]),
+            )
         record.evaluate = {_client(m): _metrics(m) for m in ok}
         return super().aggregate_evaluate(server_round, ok)
 
@@ -195,8 +225,9 @@ def aggregate_client_metrics(records: list[RecordDict], weight_key: str) -> Metr
     return metrics
 
 
-def build_strategy(cfg: Config) -> fl.FedAvg:
-    """The configured Flower strategy, with the recording layer; ``.rounds`` holds the records."""
+def build_strategy(cfg: Config, model: torch.nn.Module | None = None) -> fl.FedAvg:
+    """The configured Flower strategy, with the recording layer; ``.rounds`` holds the records.
+    Under a server-optimizer strategy, ``model`` (the global model) is what it steps."""
     fed = cfg.federation
     base = STRATEGY_CLASSES[fed.strategy]
     cls = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
@@ -214,4 +245,33 @@ def build_strategy(cfg: Config) -> fl.FedAvg:
     )
     strategy.min_replies = fed.min_clients
     strategy.rounds = {}
+    strategy.clients = ClientSampler(cfg, evaluate_fraction)
+    if fed.strategy in SERVER_OPTIMIZERS:
+        if model is None:
+            raise ValueError(f"{fed.strategy} needs the global model for its server optimizer")
+        strategy.server_optimizer = ServerOptimizer(model, fed)
     return strategy
+
+
+class ClientSampler:
+    """Each round's clients by partition id (``server.sampling``), as the nodes holding them."""
+
+    def __init__(self, cfg: Config, evaluate_fraction: float) -> None:
+        fed, n = cfg.federation, cfg.data.partition.num_clients
+        self.seed, self.num_clients = cfg.seed, n
+        self.fraction = {TRAIN: fed.fraction_train, EVALUATE: evaluate_fraction}
+        self.at_least = {TRAIN: min(fed.min_clients, n), EVALUATE: 1}
+        self.map = PartitionMap(n)
+
+    def partitions(self, server_round: int, phase: int) -> list[int]:
+        return sample_partitions(
+            self.seed,
+            server_round,
+            self.num_clients,
+            self.fraction[phase],
+            self.at_least[phase],
+            phase,
+        )
+
+    def nodes(self, grid, server_round: int, phase: int) -> list[int]:
+        return self.map.nodes(grid, self.partitions(server_round, phase))

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,21 @@ def set_task_identity(monkeypatch) -> None:
 
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def free_port(count: int = 1) -> int:
+    """A free port on 127.0.0.1 such that the ``count - 1`` ports after it are free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count <= 65535 and all(_free(base + i) for i in range(1, count)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def bare_env(**extra: str) -> dict[str, str]:

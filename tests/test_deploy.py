@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -13,17 +14,11 @@ import time
 from pathlib import Path
 
 import yaml
-from helpers import FEDWS, REPO, bare_env, pids_with, stop_process_group
+from helpers import FEDWS, REPO, bare_env, free_port, pids_with, stop_process_group
 
 from app.tools.cli import main
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 60) -> None:
@@ -38,6 +33,7 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 
 def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
     certs, home, out = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "run"
+    node_state = tmp_path / "node-state"  # the nodes' own storage, not the server's
     assert main(["deploy", "certs", str(certs), "--nodes", "3"]) == 0
     port = free_port()
     home.mkdir()
@@ -54,8 +50,9 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
                     "synthetic": {"train_size": 400, "test_size": 100, "image_size": 16},
                     "partition": {"kind": "iid", "num_clients": 2},
                 },
-                "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
-                "federation": {"rounds": 2},
+                # FedBN: the clients keep BN layers, which must live on the nodes
+                "model": {"arch": "cnn", "norm": "bn", "width": 8},
+                "federation": {"rounds": 2, "strategy": "fedbn"},
             }
         )
     )
@@ -118,7 +115,9 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
                 "--superlink",
                 f"127.0.0.1:{port}",
                 "--base-port",
-                str(free_port()),
+                str(free_port(2)),
+                "--state-dir",
+                str(node_state),
             ],
         )
         intruder = start(
@@ -160,6 +159,11 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["rounds"] == 2
         assert (out / "checkpoints" / "last.ckpt").is_file()
+        # each client's BN layers were kept on its node, under the node's state-dir
+        (run_folder,) = node_state.iterdir()
+        kept = sorted(p.name for p in run_folder.iterdir())
+        assert kept == [f"client-{c}.round-{r}.pt" for c in (0, 1) for r in (1, 2)]
+        assert not [p for p in out.rglob("*") if "client-" in p.name]  # none on the server
 
         assert intruder.wait(timeout=120) != 0  # its key is not registered: refused
         assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
@@ -169,3 +173,30 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
             proc.wait(timeout=20)
         files.close()
     assert pids_with(str(tmp_path)) == []
+
+
+def test_sigterm_stops_fedws_deploy_and_its_flower_process_promptly(tmp_path):
+    port = free_port()
+    command = [*FEDWS, "deploy", "superlink", "--insecure", "--host", "127.0.0.1"]
+    with (tmp_path / "link.log").open("w") as log:
+        proc = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=tmp_path,
+            env=bare_env(FLWR_HOME=str(tmp_path / "flwr-home")),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(port)
+            children = pids_with("flower-superlink", str(port))
+            assert children, (tmp_path / "link.log").read_text()
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)  # to fedws alone, as a service manager would
+            code = proc.wait(timeout=60)
+            stopped_s = time.monotonic() - start
+        finally:
+            stop_process_group(proc.pid)
+    assert code == 143
+    assert stopped_s < 5, f"took {stopped_s:.1f} s"
+    assert not pids_with("flower-superlink", str(port))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from helpers import REPO, bare_env, pids_with, stop_process_group
+from helpers import REPO, bare_env, free_port, pids_with, stop_process_group
 
 
 def superlinks_of(flwr_home: Path) -> list[int]:
@@ -53,11 +53,17 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
         f". {shlex.quote(str(activate))}\n"
         "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1\n" + shlex.join(flwr_run)
     )
+    # its own ports: a SuperLink already on Flower's default local ports (one a user left
+    # running after `flwr run .`) would otherwise be used instead of starting one here
+    ports = {
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     try:
         proc = subprocess.run(
             ["bash", "-c", script],
             cwd=REPO,
-            env=bare_env(FLWR_HOME=str(home)),
+            env=bare_env(FLWR_HOME=str(home), **ports),
             capture_output=True,
             text=True,
             timeout=400,
@@ -70,4 +76,5 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
     assert summary["status"] == "completed"
     assert summary["rounds"] == 2  # the `set` override reached the ServerApp
     assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (home / "local-superlink").is_dir()  # this test's own SuperLink ran the federation
     assert not superlinks_of(home)

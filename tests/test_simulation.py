@@ -13,17 +13,21 @@ import pytest
 import yaml
 from helpers import FEDWS, REPO
 
+from server.sampling import TRAIN, sample_partitions
+
 CONFIG = {
     "seed": 1,
     "data": {
         "dataset": "synthetic",
-        "synthetic": {"train_size": 1500, "test_size": 500, "image_size": 16},
-        "partition": {"kind": "dirichlet", "alpha": 1.0, "num_clients": 3},
+        "synthetic": {"train_size": 3000, "test_size": 500, "image_size": 16},
+        "partition": {"kind": "dirichlet", "alpha": 1.0, "num_clients": 8},
     },
     "model": {"arch": "cnn", "norm": "ws_gn", "width": 16},
     "optim": {"name": "adam", "lr": 0.003},
     "train": {"batch_size": 32, "local_epochs": 2},
-    "federation": {"strategy": "fedavg", "rounds": 2},
+    # 2 of the 8 clients a round: Ray gives the nodes random ids in each process, and the
+    # choice must still be the same in both runs
+    "federation": {"strategy": "fedavg", "rounds": 3, "fraction_train": 0.25},
 }
 
 
@@ -70,12 +74,15 @@ def test_simulation_writes_the_run_directory_and_learns(two_runs):
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
     metrics = rows(out / "metrics.csv")
-    assert [int(r["round"]) for r in metrics] == [0, 1, 2]
-    assert all(int(r["clients_ok"]) == 3 and int(r["clients_failed"]) == 0 for r in metrics[1:])
+    assert [int(r["round"]) for r in metrics] == [0, 1, 2, 3]
+    assert all(int(r["clients_ok"]) == 2 and int(r["clients_failed"]) == 0 for r in metrics[1:])
     clients = rows(out / "clients.csv")
-    # the adapter started one node per partition: each round, each client exactly once
-    for rnd in (1, 2):
-        assert sorted(int(r["client"]) for r in clients if r["round"] == str(rnd)) == [0, 1, 2]
+    # one node per partition: every client evaluated once a round, the drawn ones trained
+    for rnd in (1, 2, 3):
+        these = [r for r in clients if r["round"] == str(rnd)]
+        assert sorted(int(r["client"]) for r in these) == list(range(8))
+        trained = [int(r["client"]) for r in these if r["num_examples"]]
+        assert trained == sample_partitions(1, rnd, 8, 0.25, 1, TRAIN)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["synthetic_data"] is True
     # 10 balanced classes: chance is 0.1 (2.303 nats); 500 test samples put 0.2 far above it
@@ -89,4 +96,6 @@ def test_same_config_and_seed_give_identical_accuracy_columns(two_runs):
     for key in ("test_accuracy", "test_loss", "train_loss", "val_accuracy"):
         assert [r[key] for r in a] == [r[key] for r in b], key
     ca, cb = rows(tmp / "a" / "clients.csv"), rows(tmp / "b" / "clients.csv")
+    trained = [[(r["round"], r["client"]) for r in c if r["num_examples"]] for c in (ca, cb)]
+    assert trained[0] == trained[1] and len(trained[0]) == 3 * 2  # the same clients per round
     assert [r["val_accuracy"] for r in ca] == [r["val_accuracy"] for r in cb]

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from app.config import Config
 from app.data.augment import random_crop_flip
-from app.nn.models import build_model
+from app.nn.models import build_model, no_decay_parameters
 
 
 class FedwsClassifier(L.LightningModule):
@@ -40,6 +40,7 @@ class FedwsClassifier(L.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        decay_norms: bool = False,
         proximal_mu: float = 0.0,
         augment: bool = False,
     ) -> None:
@@ -65,6 +66,7 @@ class FedwsClassifier(L.LightningModule):
             momentum=cfg.optim.momentum,
             nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
+            decay_norms=cfg.optim.decay_norms,
             proximal_mu=mu,
             augment=cfg.data.augmented,
         )
@@ -121,9 +123,22 @@ class FedwsClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_acc)
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """One group, or with weight decay and ``decay_norms`` off (the default, NFNets'
+        practice) two: norm affines, scaled-WS gains and NF skip gains get no weight decay."""
+        hp = self.hparams
+        if hp.weight_decay == 0 or hp.get("decay_norms", True):
+            return [{"params": list(self.parameters())}]
+        exempt = {f"model.{name}" for name in no_decay_parameters(self.model)}
+        named = list(self.named_parameters())
+        return [
+            {"params": [p for n, p in named if n not in exempt]},
+            {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
+        ]
+
     def configure_optimizers(self):
         hp = self.hparams
-        params = self.parameters()
+        params = self.parameter_groups()
         if hp.optimizer == "sgd":
             return torch.optim.SGD(
                 params,

@@ -20,8 +20,11 @@ from app.data.datasets import ImageDataset, load_dataset
 from app.data.partitions import ClientShard, make_shard, partition_indices
 from app.learn.classifier import FedwsClassifier
 
-CONFIG_KEY = "fedws-config"
-STATE_DIR_KEY = "fedws-state-dir"  # where clients keep their local state for a resumed run
+# The message contract between the ServerApp and the ClientApp
+CONFIG_KEY = "fedws-config"  # ConfigRecord entry: the resolved YAML config
+RUN_KEY = "fedws-run-key"  # ConfigRecord entry: names this run's client state on the nodes
+PARTITION_KEY = "partition-id"  # node config and reply metrics: the client's partition
+PARTITION_QUERY = "query.partition"  # message type: "which partition do you hold?"
 
 
 @functools.lru_cache(maxsize=8)

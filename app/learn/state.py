@@ -23,10 +23,12 @@ LOCAL_BN_STRATEGIES = frozenset({"fedbn"})
 
 @dataclass(frozen=True)
 class StatePolicy:
-    """``travel``: state_dict keys the server receives and sends; ``local``: the rest."""
+    """``travel``: state_dict keys the server receives and sends; ``local``: the rest;
+    ``personal``: the local keys that shape predictions (FedBN's BN layers), not counters."""
 
     travel: tuple[str, ...]
     local: tuple[str, ...]
+    personal: tuple[str, ...] = ()
 
 
 def state_policy(model: nn.Module, strategy: str) -> StatePolicy:
@@ -43,7 +45,13 @@ def state_policy(model: nn.Module, strategy: str) -> StatePolicy:
             counter = not torch.is_floating_point(tensor)
             (local if counter or (is_bn and keep_bn_local) else travel).append(key)
     order = {key: i for i, key in enumerate(model.state_dict())}
-    return StatePolicy(tuple(sorted(travel, key=order.get)), tuple(sorted(local, key=order.get)))
+    floating = {k for k, v in model.state_dict().items() if torch.is_floating_point(v)}
+    local = sorted(local, key=order.get)
+    return StatePolicy(
+        tuple(sorted(travel, key=order.get)),
+        tuple(local),
+        tuple(k for k in local if k in floating),
+    )
 
 
 def select(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -70,6 +70,7 @@ def make_trainer(cfg: Config, **kwargs: Any) -> L.Trainer:
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
+        "deterministic": cfg.train.deterministic,
     }
     options.update(kwargs)
     return L.Trainer(**options)

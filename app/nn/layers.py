@@ -27,7 +27,11 @@ class _StandardizedConv2d(nn.Conv2d):
     In eval mode with gradients off (``torch.no_grad()`` / ``torch.inference_mode()``) the
     standardized weight is computed once and reused until a parameter changes: the cache key
     holds each parameter's storage pointer and version counter, which every in-place update
-    (an optimizer step, ``load_state_dict``) bumps.
+    of the parameter itself bumps (an optimizer step, ``load_state_dict``, ``p.copy_()`` under
+    ``torch.no_grad()``, assigning ``p.data = t``). The limit: an in-place write through the
+    ``.data`` alias (``p.data.copy_(t)``, ``p.data.mul_(2)``) bumps the alias's own counter,
+    not the parameter's, so the cache cannot see it; call ``clear_weight_cache()`` after one.
+    fedws itself never writes that way.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -37,6 +41,10 @@ class _StandardizedConv2d(nn.Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def clear_weight_cache(self) -> None:
+        """Forget the cached standardized weight (after a write through ``.data``)."""
+        self._cache_key = self._cached_weight = None
 
     def _param_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.nn.layers import RELU_GAMMA, SqueezeExcite
+from app.nn.layers import RELU_GAMMA, ScaledWSConv2d, SqueezeExcite
 from app.nn.norms import DEFAULT_GN_GROUPS, NORMS, NormSpec, get_norm
 
 NF_ALPHA = 0.2  # Brock et al. 2021 (arXiv 2101.08692), NF-ResNets use alpha = 0.2
@@ -217,6 +217,25 @@ def has_normalization(model: nn.Module) -> bool:
     return any(isinstance(m, NORMALIZATION_TYPES) for m in model.modules())
 
 
+def no_decay_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters NFNets keep out of weight decay (Brock et al. 2021, arXiv
+    2102.06171): every normalization layer's affine weight and bias, the scaled-WS convs'
+    gains and the NF blocks' skip gains; chosen by module type, never by name."""
+    names = []
+    for prefix, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, NORMALIZATION_TYPES):
+            keep = list(own)
+        elif isinstance(module, ScaledWSConv2d):
+            keep = ["gain"]
+        elif isinstance(module, NFBlock):
+            keep = ["skip_gain"]
+        else:
+            keep = []
+        names += [f"{prefix}.{k}" if prefix else k for k in keep if k in own]
+    return names
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -229,4 +248,5 @@ __all__ = [
     "has_batchnorm",
     "has_normalization",
     "list_models",
+    "no_decay_parameters",
 ]

@@ -6,7 +6,6 @@ Models take the resolved ``NormSpec`` and build their layers through it (timm's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -20,9 +19,15 @@ from app.nn.layers import ScaledWSConv2d, WSConv2d
 DEFAULT_GN_GROUPS = 8
 
 
+def gn_groups(channels: int, groups: int = DEFAULT_GN_GROUPS) -> int:
+    """The largest group count <= ``groups`` that divides ``channels`` (24 channels, at most
+    16 groups: 12; a power-of-two width and 8 groups: 8)."""
+    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+
+
 def group_norm(channels: int, groups: int = DEFAULT_GN_GROUPS) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``groups`` that divides ``channels``."""
-    return nn.GroupNorm(math.gcd(channels, groups), channels)
+    """GroupNorm with ``gn_groups(channels, groups)`` groups."""
+    return nn.GroupNorm(gn_groups(channels, groups), channels)
 
 
 def layer_norm(channels: int) -> nn.GroupNorm:

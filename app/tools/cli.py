@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.config import load_config
 from app.errors import ConfigError, FedwsError
-from app.rundir import COMPLETED, RunDir, StudyDir
+from app.rundir import FINISHED, RunDir, StudyDir
 
 DEFAULT_OUT = Path("runs")
 
@@ -113,7 +113,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
     statuses = run_study(study, out, parallel=args.parallel, echo=lambda m: print(m, flush=True))
     report = write_report(out)
-    failed = sorted(cid for cid, status in statuses.items() if status != COMPLETED)
+    failed = sorted(cid for cid, status in statuses.items() if status not in FINISHED)
     print(f"wrote {StudyDir(out).results} and {report}")
     if failed:
         print(f"fedws: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
@@ -171,13 +171,15 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from app.tools.deploy import start_flower, superlink_command, supervise
+    from app.tools.deploy import SUPERLINK_CERT, start_flower, superlink_command, supervise
 
     certs = None if args.insecure else Path(args.certs)
     if certs is None:
         print("fedws: warning: --insecure: no TLS and no SuperNode authentication", file=sys.stderr)
-    elif not (certs / "superlink.crt").is_file():
-        raise ConfigError("--certs", f"{certs} has no superlink.crt: run fedws deploy certs first")
+    elif not (certs / SUPERLINK_CERT).is_file():
+        raise ConfigError(
+            "--certs", f"{certs} has no {SUPERLINK_CERT}: run fedws deploy certs first"
+        )
     db = Path(args.database) if args.database else None
     command = superlink_command(certs, args.host, args.port, db)
     print("fedws: " + " ".join(command), flush=True)
@@ -198,7 +200,14 @@ def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
         if certs is not None and not supernode_key(certs, partition).is_file():
             raise ConfigError("--certs", f"no key {supernode_key(certs, partition)}")
         command = supernode_command(
-            args.superlink, certs, partition, partition, total, args.base_port + i, args.data_path
+            args.superlink,
+            certs,
+            partition,
+            partition,
+            total,
+            args.base_port + i,
+            args.data_path,
+            Path(args.state_dir).expanduser().resolve(),
         )
         where = f"GPU {device}" if device else "CPU"
         print(f"fedws: SuperNode {partition}/{total} on {where}: " + " ".join(command), flush=True)
@@ -304,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-partitions", type=int, help="nodes in the whole federation (default: these)"
     )
     sn.add_argument("--data-path", help="node-local dataset folder (sets data.root per node)")
+    sn.add_argument(
+        "--state-dir",
+        default="fedws-state",
+        help="folder on this machine where the nodes keep their clients' local state (FedBN "
+        "layers) between rounds and across restarts (default: ./fedws-state)",
+    )
     sn.add_argument("--base-port", type=int, default=9100, help="first local ClientApp port")
     sn.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
     sn.set_defaults(func=cmd_deploy_supernodes)

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from app.errors import FedwsError
+from clients.local_state import STATE_DIR
 
 CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY = "ca.crt", "superlink.crt", "superlink.key"
 
@@ -216,12 +217,16 @@ def supernode_command(
     num_partitions: int,
     port: int,
     data_path: str | None = None,
+    state_dir: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one node: its shard (``partition-id``/``num-partitions`` or
-    its own ``data-path``), its auth key, TLS with the deployment's CA."""
+    its own ``data-path``), where it keeps its clients' local state (``state-dir``, on this
+    machine), its auth key, TLS with the deployment's CA."""
     node_config = f"partition-id={partition} num-partitions={num_partitions}"
     if data_path:
         node_config += f' data-path="{data_path}"'
+    if state_dir is not None:
+        node_config += f' {STATE_DIR}="{state_dir}"'
     command = [
         _flower_tool("flower-supernode"),
         "--superlink",

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from app import rundir
 from app.config import Config
+from app.errors import FedwsError
 from app.learn import runtime
 from app.rundir import RunDir
 from app.tools.simulation import run_simulation
@@ -81,23 +82,33 @@ def run(
         )
     finally:
         bar.close()
-    return rundir.read_summary(RunDir(out))
+    summary = rundir.read_summary(RunDir(out))
+    if summary is None:
+        raise FedwsError(f"the run ended without writing {RunDir(out).summary}: see the log above")
+    return summary
 
 
 def summary_text(cfg: Config, out: Path, summary: dict[str, Any]) -> str:
     final, best = summary["final"] or {}, summary["best"] or {}
     tag = " [SYNTHETIC DATA]" if summary["synthetic_data"] else ""
+    chosen = (
+        f"; at the best round by validation ({best['round']}, {best['selected_by']} "
+        f"{_fmt(best['val_accuracy'])}): {_fmt(best['test_accuracy'])}"
+        if best
+        else "; no validation data to choose a best round by"
+    )
     lines = [
         f"fedws run: {describe(cfg)}{tag}",
         f"  rounds {summary['rounds']} | wall {summary['wall_s']:.1f} s | "
         f"mean round {summary['mean_round_s'] or 0:.2f} s",
         f"  global test accuracy: final {_fmt(final.get('test_accuracy'))} "
-        f"(round {final.get('round', '-')}), best {_fmt(best.get('test_accuracy'))} "
-        f"(round {best.get('round', '-')})",
+        f"(round {final.get('round', '-')}){chosen}",
         f"  final test loss {_fmt(final.get('test_loss'))}",
         f"  outputs: {out}/ (config.yaml, metrics.csv, clients.csv, diagnostics.csv, "
         "summary.json, checkpoints/)",
     ]
+    if summary["status"] == rundir.DIVERGED:
+        lines.insert(1, f"  DIVERGED at round {summary['diverged_round']}: {summary['error']}")
     if summary.get("diagnostics"):
         lines.append(f"  why: fedws diagnose {out}")
     return "\n".join(lines)

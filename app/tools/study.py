@@ -13,14 +13,14 @@ A study file::
     target_accuracy: 0.8              # optional: results.csv reports the first round reaching it
 
 Every cell is one ``fedws run`` (a subprocess: its own Ray, its own memory) into
-``OUT/runs/<cell-id>/``. A cell whose ``summary.json`` says ``completed`` is skipped, so an
+``OUT/runs/<cell-id>/``. A cell whose ``summary.json`` says ``completed`` (or ``diverged``: a
+result too) is skipped, so an
 interrupted study continues where it stopped; a failed cell is recorded and the study goes on.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import subprocess
@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from app import rundir
 from app.config import Config, apply_overrides, build, dump_config, read_yaml
@@ -86,8 +88,14 @@ def axis_label(value: Any) -> str:
 
 
 def _overrides(mapping: dict[str, Any]) -> list[str]:
-    """``{a.b: v}`` -> ``["a.b=<v>"]`` for ``apply_overrides`` (JSON is valid YAML)."""
-    return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
+    """``{a.b: v}`` -> ``["a.b=<v as YAML>"]`` for ``apply_overrides``. YAML, not JSON: JSON
+    writes 1e-05 for 0.00001, which YAML reads back as a string."""
+    return [f"{key}={_yaml_value(value)}" for key, value in mapping.items()]
+
+
+def _yaml_value(value: Any) -> str:
+    flow = yaml.safe_dump([value], default_flow_style=True, sort_keys=False, width=10**9)
+    return flow.strip()[1:-1]  # the one item of a one-item flow list
 
 
 def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Study:
@@ -176,8 +184,8 @@ def run_cell(cell: Cell, out: Path, ray_cpus: int | None, launch: Launcher) -> s
     except Exception as err:  # a cell's failure must not stop the study
         error = f"{type(err).__name__}: {err}"
     status = rundir.run_status(run)
-    if error is None and status == rundir.COMPLETED:
-        return rundir.COMPLETED
+    if error is None and status in rundir.FINISHED:  # a diverged run is a result too
+        return status
     summary = (rundir.read_summary(run) or {}) if status == rundir.FAILED else {}
     summary.update({"status": rundir.FAILED, "error": summary.get("error") or error or "unknown"})
     rundir.write_summary(run, summary)
@@ -191,7 +199,7 @@ def run_study(
     echo: Callable[[str], Any] = print,
     launch: Launcher = launch_subprocess,
 ) -> dict[str, str]:
-    """Run every cell not yet completed (``parallel`` at once); return each cell's status."""
+    """Run every cell not yet finished (``parallel`` at once); return each cell's status."""
     folder = StudyDir(out)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_study(
@@ -204,9 +212,9 @@ def run_study(
         },
     )
     statuses = {c.id: rundir.run_status(folder.run(c.id)) for c in study.cells}
-    todo = [c for c in study.cells if statuses[c.id] != rundir.COMPLETED]
+    todo = [c for c in study.cells if statuses[c.id] not in rundir.FINISHED]
     echo(
-        f"study: {len(study.cells)} cells, {len(study.cells) - len(todo)} already completed, "
+        f"study: {len(study.cells)} cells, {len(study.cells) - len(todo)} already finished, "
         f"{len(todo)} to run, {parallel} at a time -> {out}/"
     )
     # With several cells at once, each cell's Ray gets its share of the cores.

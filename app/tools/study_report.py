@@ -42,12 +42,30 @@ class CellResult:
     column: str
 
     @property
+    def status(self) -> str:
+        return self.summary.get("status", rundir.PENDING)
+
+    @property
     def completed(self) -> bool:
-        return self.summary.get("status") == rundir.COMPLETED
+        return self.status == rundir.COMPLETED
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == rundir.DIVERGED
 
     @property
     def final(self) -> float:
-        return (self.summary.get("final") or {}).get("test_accuracy", math.nan)
+        return _number((self.summary.get("final") or {}).get("test_accuracy"))
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The round chosen on validation data (``summary.json``'s ``best``), or {}."""
+        return self.summary.get("best") or {}
+
+
+def _number(value: Any) -> float:
+    """A summary value as a float; NaN for null (not measured, or non-finite)."""
+    return math.nan if value is None else float(value)
 
 
 def _resolved(cfg: Config | None, key: str) -> Any:
@@ -67,10 +85,9 @@ def _load_cell(
     clients = rundir.read_csv(run.clients)
     last = max((int(r["round"]) for r in clients), default=None)
     client_acc = []
-    for r in clients:
+    for r in clients:  # only the global model's score: never a locally trained model's
         if int(r["round"]) == last:
             acc = rundir.cell_float(r["global_val_accuracy"])
-            acc = rundir.cell_float(r["val_accuracy"]) if math.isnan(acc) else acc
             if not math.isnan(acc):
                 client_acc.append(acc)
 
@@ -112,7 +129,7 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
             writer.writerow(
                 {
                     "cell": c.id,
-                    "status": s.get("status", rundir.PENDING),
+                    "status": c.status,
                     "row": c.row,
                     "column": c.column,
                     "dataset": cfg.data.dataset if cfg else "",
@@ -123,18 +140,23 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
                     "alpha": part.alpha if part and part.kind in ("dirichlet", "quantity") else "",
                     "seed": cfg.seed if cfg else "",
                     "final_test_accuracy": c.final if c.completed else "",
-                    "best_test_accuracy": (s.get("best") or {}).get("test_accuracy", ""),
-                    "best_round": (s.get("best") or {}).get("round", ""),
-                    "final_test_loss": (s.get("final") or {}).get("test_loss", ""),
+                    "final_test_loss": _blank((s.get("final") or {}).get("test_loss")),
+                    "best_val_round": c.best.get("round", ""),
+                    "best_val_accuracy": _blank(c.best.get("val_accuracy")),
+                    "test_accuracy_at_best_val": _blank(c.best.get("test_accuracy")),
                     "client_val_mean": np.mean(c.client_acc) if c.client_acc else "",
                     "client_val_worst10": _worst10(c.client_acc) if c.client_acc else "",
-                    "round_to_target": reached[0] if reached else "",
+                    "test_round_to_target": reached[0] if reached else "",
                     "rounds": s.get("rounds", ""),
                     "wall_s": s.get("wall_s", ""),
                     "error": s.get("error") or "",
                 }
             )
     return path
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def _ordered(values) -> list[str]:
@@ -151,12 +173,17 @@ def _client_mean(cell: CellResult) -> float:
 
 def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> str:
     """Markdown: rows x columns of mean +- std (over seeds) of ``value`` (default: the final
-    global test accuracy), the best of each column in bold (with ``bold``)."""
+    global test accuracy), the best of each column in bold (with ``bold``). A diverged run
+    has no accuracy: its cell says how many of its seeds diverged, and at which rounds."""
     done = [c for c in cells if c.completed and not math.isnan(value(c))]
     rows, cols = _ordered(c.row for c in cells), _ordered(c.column for c in cells)
     acc: dict[tuple[str, str], list[float]] = defaultdict(list)
     for c in done:
         acc[(c.row, c.column)].append(value(c))
+    diverged: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for c in cells:
+        if c.diverged:
+            diverged[(c.row, c.column)].append(f"r{c.summary.get('diverged_round')}")
     means = {k: float(np.mean(v)) for k, v in acc.items()}
     best = {col: max((m for (r, c), m in means.items() if c == col), default=None) for col in cols}
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -164,13 +191,16 @@ def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> 
         cells_md = []
         for col in cols:
             values = acc.get((row, col))
+            lost = diverged.get((row, col), [])
+            note = f"diverged ({', '.join(lost)})" if lost else ""
             if not values:
-                cells_md.append("–")
+                cells_md.append(note or "–")
                 continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             text = f"{np.mean(values):.4f} ± {std:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
             top = bold and means[(row, col)] == best[col]
-            cells_md.append(f"**{text}**" if top else text)
+            text = f"**{text}**" if top else text
+            cells_md.append(f"{text}; {len(lost)} {note}" if lost else text)
         lines.append(f"| {row} | " + " | ".join(cells_md) + " |")
     return "\n".join(lines)
 
@@ -300,14 +330,16 @@ def write_report(out: Path) -> Path:
     figures = study.figures
     figures.mkdir(exist_ok=True)
     done = [c for c in cells if c.completed]
-    failed = [c for c in cells if c.summary.get("status") == rundir.FAILED]
-    pending = [c for c in cells if c.summary.get("status") not in (rundir.COMPLETED, rundir.FAILED)]
+    failed = [c for c in cells if c.status == rundir.FAILED]
+    diverged = [c for c in cells if c.diverged]
+    pending = [c for c in cells if c.status not in (*rundir.FINISHED, rundir.FAILED)]
     cols = _ordered(c.column for c in cells)
 
     md = [
         "# fedws study report",
         "",
         f"Study `{meta.get('source')}`; {len(done)} of {len(cells)} cells completed"
+        + (f", {len(diverged)} diverged" if diverged else "")
         + (f", {len(failed)} failed" if failed else "")
         + (f", {len(pending)} not run" if pending else "")
         + f". Written {dt.datetime.now().isoformat(timespec='seconds')} by `fedws report`.",

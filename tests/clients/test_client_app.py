@@ -10,11 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from helpers import set_task_identity, small_config
 
 from app.config import Config, dump_config
-from app.learn.runtime import CONFIG_KEY, dataset, new_module, shard
+from app.learn.runtime import CONFIG_KEY, RUN_KEY, dataset, new_module, shard
 from app.learn.state import select, state_policy
 from app.learn.trainer import make_trainer
 from clients import client_app
 from clients.client_app import LOCAL_STATE_KEY, app
+from clients.local_state import LocalStateStore
 
 
 @pytest.fixture(autouse=True)
@@ -28,18 +29,24 @@ def global_arrays(cfg: Config) -> ArrayRecord:
     return ArrayRecord(select(module.model.state_dict(), policy.travel))
 
 
-def message(cfg: Config, arrays: ArrayRecord, kind: str = MessageType.TRAIN, rnd: int = 1):
-    config = ConfigRecord({CONFIG_KEY: dump_config(cfg), "server-round": rnd})
+def message(
+    cfg: Config,
+    arrays: ArrayRecord,
+    kind: str = MessageType.TRAIN,
+    rnd: int = 1,
+    run: str = "test-run",
+):
+    config = ConfigRecord({CONFIG_KEY: dump_config(cfg), RUN_KEY: run, "server-round": rnd})
     content = RecordDict({"arrays": arrays, "config": config})
     return Message(content=content, dst_node_id=7, message_type=kind)
 
 
-def context(cfg: Config, client: int = 0) -> Context:
+def context(cfg: Config, client: int = 0, node: dict | None = None) -> Context:
     n = cfg.data.partition.num_clients
     return Context(
         run_id=1,
         node_id=7,
-        node_config={"partition-id": client, "num-partitions": n},
+        node_config={"partition-id": client, "num-partitions": n, **(node or {})},
         state=RecordDict(),
         run_config={},
     )
@@ -104,10 +111,33 @@ def test_fedbn_keeps_batchnorm_on_the_client_across_rounds():
     running_mean = next(k for k in local if k.endswith("running_mean"))
     assert local[running_mean].abs().sum() > 0  # statistics of this client's data
 
-    # round 2 starts from this client's own BN state, not from a fresh layer
-    ev = app(message(cfg, reply.content["arrays"], MessageType.EVALUATE, rnd=2), ctx)
-    fresh = app(message(cfg, reply.content["arrays"], MessageType.EVALUATE, rnd=2), context(cfg))
-    assert ev.content["metrics"]["val_loss"] != fresh.content["metrics"]["val_loss"]
+    # round 2 starts from this client's own BN state, not from a fresh layer: in this process
+    # from Context.state, in a new process of the same node from the node's disk
+    arrays = reply.content["arrays"]
+    ev = app(message(cfg, arrays, MessageType.EVALUATE, rnd=2), ctx).content["metrics"]
+    again = app(message(cfg, arrays, MessageType.EVALUATE, rnd=2), context(cfg))
+    assert ev["local-state-round"] == again.content["metrics"]["local-state-round"] == 1
+    assert ev["val_loss"] == again.content["metrics"]["val_loss"]
+    # a client of another run has no BN layers of its own yet: no number, said so
+    other = app(message(cfg, arrays, MessageType.EVALUATE, rnd=2, run="other"), context(cfg))
+    assert other.content["metrics"]["local-state-round"] == 0
+    assert math.isnan(other.content["metrics"]["val_accuracy"])
+
+
+def test_a_client_keeps_its_latest_state_on_its_nodes_disk(tmp_path):
+    cfg = small_config("model.norm=bn", "federation.strategy=fedbn")
+    node = {"state-dir": str(tmp_path / "node")}
+    arrays = global_arrays(cfg)
+    for rnd in (1, 3, 6):  # it sat out the rounds between
+        app(message(cfg, arrays, rnd=rnd), context(cfg, node=node))
+    files = sorted(p.name for p in (tmp_path / "node" / "test-run").iterdir())
+    assert files == ["client-0.round-3.pt", "client-0.round-6.pt"]  # the newest two
+    # a later round, in a new process: the round-6 layers, however long it sat out
+    ev = app(message(cfg, arrays, MessageType.EVALUATE, rnd=9), context(cfg, node=node))
+    assert ev.content["metrics"]["local-state-round"] == 6
+    # a run resumed from round 5 trains round 6 again: from the state before it (round 3)
+    store = LocalStateStore(tmp_path / "node", "test-run", 0)
+    assert store.load(6)[0] == 3 and store.load(7)[0] == 6 and store.load(3) is None
 
 
 def test_fedavg_sends_bn_statistics_but_keeps_the_counter():

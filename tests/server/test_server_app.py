@@ -18,11 +18,13 @@ from helpers import InProcessGrid, set_task_identity, small_config
 from app.config import ConfigError, build
 from app.learn.classifier import FedwsClassifier
 from app.learn.runtime import dataset, new_module
+from app.learn.server_optim import SERVER_OPTIMIZERS
 from app.learn.state import state_policy
 from app.learn.trainer import tensor_loader
 from clients.client_app import app as client_app
 from server.evaluation import GlobalEvaluator
 from server.run_log import CLIENT_COLUMNS, METRIC_COLUMNS
+from server.sampling import TRAIN
 from server.server_app import run_federation
 from server.strategy import STRATEGY_CLASSES, TooFewRepliesError, build_strategy
 
@@ -64,8 +66,16 @@ def test_run_directory_contract(tmp_path):
     assert on_disk == summary
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert summary["final"]["test_accuracy"] == pytest.approx(float(metrics[-1]["test_accuracy"]))
-    best = max(float(r["test_accuracy"]) for r in metrics)
-    assert summary["best"]["test_accuracy"] == pytest.approx(best)
+    # the best round is chosen on the clients' validation data, never on the test split
+    val = {int(r["round"]): float(r["global_val_accuracy"]) for r in metrics[1:]}
+    chosen = max(val, key=val.get)
+    assert summary["best"]["selected_by"] == "global_val_accuracy"
+    assert summary["best"]["round"] == chosen
+    assert summary["best"]["val_accuracy"] == pytest.approx(val[chosen])
+    assert summary["best"]["test_accuracy"] == pytest.approx(
+        float(metrics[chosen]["test_accuracy"])
+    )
+    assert all(int(r["eval_ok"]) == 3 and int(r["eval_failed"]) == 0 for r in metrics[1:])
     assert summary["synthetic_data"] is True and summary["seed"] == 0
     assert {"torch", "lightning", "flwr"} <= set(summary["versions"])
     assert summary["wall_s"] > 0
@@ -170,24 +180,33 @@ def test_same_config_same_metrics(tmp_path):
         assert [r[key] for r in a] == [r[key] for r in b]
 
 
+def strategy_of(*overrides: str):
+    cfg = small_config(*overrides)
+    return build_strategy(cfg, new_module(cfg, dataset(cfg.data)).model)
+
+
 @pytest.mark.parametrize("name", list(STRATEGY_CLASSES))
 def test_every_strategy_is_flowers_own_class_and_runs(name, tmp_path):
     cfg = small_config(f"federation.strategy={name}", "federation.rounds=1")
-    strategy = build_strategy(cfg)
+    strategy = strategy_of(f"federation.strategy={name}")
     assert isinstance(strategy, STRATEGY_CLASSES[name])
+    assert (strategy.server_optimizer is not None) == (name in SERVER_OPTIMIZERS)
     summary = federate(cfg, tmp_path)
     assert summary["status"] == "completed" and math.isfinite(summary["final"]["test_loss"])
 
 
 def test_strategy_hyper_parameters_come_from_config():
-    fedavgm = build_strategy(small_config("federation.strategy=fedavgm"))
-    assert fedavgm.server_momentum == 0.9 and fedavgm.server_learning_rate == 1.0
-    prox = build_strategy(small_config("federation.strategy=fedprox", "federation.proximal_mu=0.3"))
+    fedavgm = strategy_of("federation.strategy=fedavgm").server_optimizer.optimizer
+    assert isinstance(fedavgm, torch.optim.SGD)
+    assert fedavgm.defaults["momentum"] == 0.9 and fedavgm.defaults["lr"] == 1.0
+    prox = strategy_of("federation.strategy=fedprox", "federation.proximal_mu=0.3")
     assert isinstance(prox, fl.FedProx) and prox.proximal_mu == 0.3
-    adam = build_strategy(small_config("federation.strategy=fedadam", "federation.eta=0.02"))
-    assert adam.eta == 0.02 and adam.tau == 0.001  # unset: Flower's default
-    sampled = build_strategy(small_config("federation.fraction_train=0.5"))
-    assert sampled.fraction_train == 0.5 and sampled.min_available_nodes == 4
+    adam = strategy_of("federation.strategy=fedadam", "federation.eta=0.02").server_optimizer
+    assert isinstance(adam.optimizer, torch.optim.Adam)
+    assert adam.optimizer.defaults["lr"] == 0.02 and adam.optimizer.defaults["eps"] == 0.001
+    assert adam.optimizer.defaults["betas"] == (0.9, 0.99)  # unset: Flower's defaults
+    sampled = strategy_of("federation.fraction_train=0.5")
+    assert sampled.fraction_train == 0.5 and sampled.clients.partitions(1, TRAIN) == [1, 3]
 
 
 def test_tensorboard_logger_when_asked(tmp_path):
@@ -206,6 +225,8 @@ class Interrupted(Exception):
     [
         ("model.norm=ws_gn", "federation.strategy=fedavg"),
         ("model.norm=bn", "federation.strategy=fedbn"),  # client-side state across the break
+        # ... of clients that sat out the round before the break (their latest state, not r-1)
+        ("model.norm=bn", "federation.strategy=fedbn", "federation.fraction_train=0.5"),
         ("model.norm=gn", "federation.strategy=fedadam"),
         ("model.norm=gn", "federation.strategy=fedavg", "federation.fraction_train=0.5"),
         ("model.norm=bn", "server.bn_recalibration=true"),  # evaluation-only BN statistics
@@ -237,7 +258,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_run(tmp_path, over
     columns = [c for c in a[0] if c != "round_s"]
     assert [[r[c] for c in columns] for r in a] == [[r[c] for c in columns] for r in b]
     ca, cb = (read_csv(tmp_path / d / "clients.csv") for d in ("whole", "cut"))
-    assert [r["val_accuracy"] for r in ca] == [r["val_accuracy"] for r in cb]
+    assert ca == [{**r, "fit_s": a["fit_s"]} for r, a in zip(cb, ca, strict=True)]
     da, db = (read_csv(tmp_path / d / "diagnostics.csv") for d in ("whole", "cut"))
     assert da == db and da
 

@@ -9,7 +9,8 @@ from helpers import small_config
 from app.data.datasets import load_dataset
 from app.data.partitions import make_shard
 from app.learn.classifier import FedwsClassifier
-from app.learn.trainer import tensor_loader
+from app.learn.trainer import make_trainer, tensor_loader
+from app.nn.models import no_decay_parameters
 
 # fits here run without a validation loader on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
@@ -86,6 +87,31 @@ def test_optimizer_comes_from_config(override, cls, check):
     group = opt.param_groups[0]
     assert group["lr"] == 0.01
     assert all(group[k] == v for k, v in check.items())
+
+
+def test_weight_decay_spares_norms_and_gains_unless_asked():
+    cfg = small_config("model.norm=nf", "optim.weight_decay=0.001")
+    module = FedwsClassifier.from_config(cfg, 1, 10)
+    decayed, spared = module.configure_optimizers().param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert decayed["weight_decay"] == 0.001 and spared["weight_decay"] == 0.0
+    assert {names[id(p)] for p in spared["params"]} == {
+        f"model.{n}" for n in no_decay_parameters(module.model)
+    }
+    assert all(names[id(p)].endswith((".weight", ".bias")) for p in decayed["params"])
+    everything = small_config("model.norm=nf", "optim.weight_decay=0.001", "optim.decay_norms=true")
+    (group,) = FedwsClassifier.from_config(everything, 1, 10).configure_optimizers().param_groups
+    assert len(group["params"]) == len(list(module.parameters()))
+
+
+def test_deterministic_asks_lightning_for_deterministic_algorithms():
+    try:
+        make_trainer(small_config("train.deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled()
+        make_trainer(small_config())
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_proximal_term_is_on_only_for_fedprox():

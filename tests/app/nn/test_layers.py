@@ -130,6 +130,21 @@ def test_eval_cache_is_invalidated_by_load_state_dict():
         torch.testing.assert_close(conv(x), other(x), rtol=0, atol=0)
 
 
+def test_eval_cache_sees_in_place_writes_to_the_parameter_but_not_through_data():
+    torch.manual_seed(6)
+    conv = WSConv2d(3, 8, 3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = conv(x)
+        conv.weight.mul_(-1)  # in place on the parameter: its version counter moves
+        flipped = conv(x)
+        assert not torch.equal(flipped, before)
+        conv.weight.data.mul_(-1)  # through .data: the documented limit, the cache is stale
+        assert torch.equal(conv(x), flipped)
+        conv.clear_weight_cache()
+        torch.testing.assert_close(conv(x), before, rtol=0, atol=0)
+
+
 def test_training_mode_does_not_cache(monkeypatch):
     conv = WSConv2d(3, 8, 3).train()
     calls = _count_standardizations(conv, monkeypatch)

@@ -15,6 +15,7 @@ from app.nn.models import (
     has_batchnorm,
     has_normalization,
     list_models,
+    no_decay_parameters,
 )
 from app.nn.norms import NORMS, get_norm, group_norm
 
@@ -37,10 +38,39 @@ def test_unknown_arch_lists_the_known_ones():
         build_model("vgg", "bn", 3, 10)
 
 
-def test_group_norm_uses_a_group_count_that_divides_channels():
+def test_group_norm_uses_the_largest_group_count_that_divides_channels():
+    # the largest divisor of the channels <= the bound, as the docstring says (a gcd would
+    # give 4 and 8 for the middle two)
     assert group_norm(16, 8).num_groups == 8
-    assert group_norm(12, 8).num_groups == 4
+    assert group_norm(12, 8).num_groups == 6
+    assert group_norm(24, 16).num_groups == 12
     assert group_norm(64, 32).num_groups == 32
+    assert group_norm(7, 8).num_groups == 7
+    for channels in range(1, 65):
+        for bound in (1, 3, 8, 32):
+            g = group_norm(channels, bound).num_groups
+            assert channels % g == 0 and g <= bound
+            assert not any(channels % h == 0 for h in range(g + 1, bound + 1))
+
+
+def test_no_weight_decay_for_norm_affines_gains_and_skip_gains():
+    bn = build_model("resnet20", "bn", 3, 10)
+    exempt = set(no_decay_parameters(bn))
+    norms = {
+        f"{m}.{p}"
+        for m, module in bn.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
+    assert len(norms) == 2 * 21 and exempt == norms  # every BN weight and bias, nothing else
+    nf = build_model("resnet20", "nf", 3, 10)
+    exempt = set(no_decay_parameters(nf))
+    assert {n for n in exempt if n.endswith("skip_gain")} == {
+        f"blocks.{i}.skip_gain" for i in range(9)
+    }
+    gains = {n for n, _ in nf.named_parameters() if n.endswith(".gain")}
+    assert gains and gains <= exempt
+    assert not any(n.endswith((".weight", ".bias")) for n in exempt)  # convs, classifier decay
 
 
 @pytest.mark.parametrize("arch", list_models())

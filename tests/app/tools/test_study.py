@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 from pathlib import Path
 
@@ -101,6 +102,11 @@ def test_a_bad_cell_is_a_config_error_naming_it(tmp_path):
         load_study(write_study(tmp_path, {"grids": {}}))
 
 
+def test_small_and_large_floats_in_a_grid_stay_numbers(tmp_path):
+    study = load_study(write_study(tmp_path, {"grid": {"optim.lr": [1.0e-5, 0.1]}}))
+    assert [c.config.optim.lr for c in study.cells] == [1.0e-5, 0.1]
+
+
 def test_cell_ids_are_readable_folder_names():
     assert cell_id({"model.norm": "nf_se", "seed": 2}) == "norm-nf_se_seed-2"
     assert cell_id({"data.partition": {"kind": "pathological", "classes_per_client": 2}}) == (
@@ -135,6 +141,56 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
     assert rows[bad]["status"] == "failed" and "injected failure" in rows[bad]["error"]
     assert rows["norm-bn_partition-iid"]["status"] == "completed"
     assert f"`{bad}`: RuntimeError: injected failure" in (out / "report.md").read_text()
+
+
+def test_a_diverged_cell_is_a_result_shown_as_such_and_not_run_again(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            {
+                "grid": {"federation.server_learning_rate": [1.0, 1.0e30]},
+                "overrides": {"federation.strategy": "fedavgm", "federation.rounds": 2},
+            },
+        )
+    )
+    out, launched = tmp_path / "out", []
+    statuses = run_study(study, out, launch=in_process(launched=launched), echo=lambda m: None)
+    wild = "server_learning_rate-1e30"
+    assert statuses == {"server_learning_rate-1.0": "completed", wild: "diverged"}
+    write_report(out)
+    rows = {r["cell"]: r for r in read_rows(out / "results.csv")}
+    assert rows[wild]["status"] == "diverged" and "diverged at round 1" in rows[wild]["error"]
+    assert rows[wild]["final_test_accuracy"] == ""
+    report = (out / "report.md").read_text()
+    assert "1 diverged" in report and "| 1e+30 | diverged (r1) |" in report
+    launched.clear()
+    run_study(study, out, launch=in_process(launched=launched), echo=lambda m: None)
+    assert launched == []  # a result: not run again
+
+
+def test_results_name_the_validation_selected_round_and_never_mix_client_metrics(tmp_path):
+    study = load_study(write_study(tmp_path, {"grid": {"model.norm": ["ws_gn"]}}))
+    out = tmp_path / "out"
+    run_study(study, out, launch=in_process(), echo=lambda m: None)
+    run = out / "runs" / "norm-ws_gn"
+    summary = json.loads((run / "summary.json").read_text())
+    clients = read_rows(run / "clients.csv")
+    for r in clients:  # client 1's evaluation reply "failed": no global score for it
+        if r["client"] == "1":
+            r["global_val_accuracy"] = ""
+    with open(run / "clients.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(clients[0]))
+        writer.writeheader()
+        writer.writerows(clients)
+    write_report(out)
+    (row,) = read_rows(out / "results.csv")
+    assert "best_test_accuracy" not in row and "round_to_target" not in row
+    assert int(row["best_val_round"]) == summary["best"]["round"]
+    assert float(row["test_accuracy_at_best_val"]) == summary["best"]["test_accuracy"]
+    last = [r for r in clients if r["round"] == "1" and r["client"] != "1"]
+    assert float(row["client_val_mean"]) == pytest.approx(
+        np.mean([float(r["global_val_accuracy"]) for r in last])
+    )
 
 
 def test_report_table_is_mean_and_std_over_seeds_with_best_in_bold(tmp_path):

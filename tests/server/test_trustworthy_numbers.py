@@ -1,0 +1,203 @@
+"""Numbers a reviewer can trust: what the server aggregates, which clients it picks, how it picks
+the best round, and what it records when a run diverges or a reply fails (in-process grid)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Message, MessageType
+from helpers import InProcessGrid, set_task_identity, small_config
+
+from app.config import ConfigError
+from app.learn.server_optim import SERVER_OPTIMIZERS
+from clients.client_app import app as client_app
+from server.sampling import EVALUATE, TRAIN, sample_partitions
+from server.server_app import run_federation
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    set_task_identity(monkeypatch)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every train message (the global arrays sent) and every train reply."""
+
+    def __init__(self, client_app, num_nodes: int, node_ids: list[int] | None = None) -> None:
+        super().__init__(client_app, num_nodes)
+        if node_ids is not None:  # other node ids, as a new simulation process gives
+            contexts = list(self.contexts.values())
+            self.contexts = {n: c for n, c in zip(node_ids, contexts, strict=True)}
+            for n, c in self.contexts.items():
+                c.node_id = n
+        self.sent: list[dict[str, torch.Tensor]] = []  # per round
+        self.replies: list[list[tuple[float, dict[str, torch.Tensor]]]] = []
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.sent.append(messages[0].content["arrays"].to_torch_state_dict())
+            self.replies.append(
+                [
+                    (
+                        r.content["metrics"]["num-examples"],
+                        r.content["arrays"].to_torch_state_dict(),
+                    )
+                    for r in replies
+                    if not r.has_error()
+                ]
+            )
+        return replies
+
+
+def weighted_mean(replies, key: str) -> torch.Tensor:
+    total = sum(n for n, _ in replies)
+    return sum(state[key].double() * (n / total) for n, state in replies).float()
+
+
+@pytest.mark.parametrize("strategy", SERVER_OPTIMIZERS)
+def test_server_optimizers_average_bn_statistics_and_never_step_them(strategy, tmp_path):
+    cfg = small_config("model.norm=bn", f"federation.strategy={strategy}", "federation.rounds=3")
+    grid = RecordingGrid(client_app, cfg.data.partition.num_clients)
+    run_federation(grid, cfg, tmp_path)
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    after = [*grid.sent[1:], {k.removeprefix("model."): v for k, v in final.items()}]
+    stats = [k for k in grid.sent[0] if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for r, (replies, state) in enumerate(zip(grid.replies, after, strict=True), start=1):
+        for key in stats:
+            want = weighted_mean(replies, key)
+            torch.testing.assert_close(state[key], want, rtol=1e-6, atol=1e-7, msg=f"{key} r{r}")
+            if key.endswith("running_var"):
+                assert (state[key] > 0).all()
+        # and the trainable parameters moved away from the mean: the optimizer stepped them
+        # (FedAvgM's first step with learning rate 1 lands on the mean itself)
+        weight = next(k for k in grid.sent[0] if k.endswith("weight"))
+        if strategy != "fedavgm" or r > 1:
+            assert not torch.allclose(state[weight], weighted_mean(replies, weight))
+
+
+def test_fedavg_and_fedadam_agree_on_bn_statistics_after_one_round(tmp_path):
+    states = {}
+    for strategy in ("fedavg", "fedadam"):
+        cfg = small_config(
+            "model.norm=bn", f"federation.strategy={strategy}", "federation.rounds=1"
+        )
+        run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / strategy)
+        ckpt = torch.load(tmp_path / strategy / "checkpoints" / "last.ckpt", weights_only=True)
+        states[strategy] = ckpt["state_dict"]
+    stats = [k for k in states["fedavg"] if k.endswith(("running_mean", "running_var"))]
+    for key in stats:  # the clients trained identically in round 1: the same mean
+        torch.testing.assert_close(states["fedadam"][key], states["fedavg"][key])
+
+
+def test_partitions_are_drawn_from_seed_and_round_alone():
+    draw = [sample_partitions(0, r, 20, 0.25, 1, TRAIN) for r in range(1, 6)]
+    assert draw == [sample_partitions(0, r, 20, 0.25, 1, TRAIN) for r in range(1, 6)]
+    assert all(len(d) == 5 and d == sorted(set(d)) for d in draw)
+    assert len({tuple(d) for d in draw}) > 1  # rounds differ
+    assert draw[0] != sample_partitions(1, 1, 20, 0.25, 1, TRAIN)  # seeds differ
+    assert draw[0] != sample_partitions(0, 1, 20, 0.25, 1, EVALUATE)  # phases draw apart
+    assert sample_partitions(0, 3, 20, 1.0, 1, TRAIN) == list(range(20))
+    assert sample_partitions(0, 3, 20, 0.01, 3, TRAIN) == sample_partitions(0, 3, 20, 0.1, 3, 0)
+
+
+def test_the_same_clients_whatever_the_node_ids(tmp_path):
+    """Two 'processes' whose nodes have other ids, in another order, pick the same clients."""
+    cfg = small_config("federation.fraction_train=0.5", "federation.rounds=4")
+    ids = random.Random(7).sample(range(10**6, 10**7), 4)
+    run_federation(RecordingGrid(client_app, 4), cfg, tmp_path / "a")
+    run_federation(RecordingGrid(client_app, 4, node_ids=ids[::-1]), cfg, tmp_path / "b")
+    picked = {}
+    for run in ("a", "b"):
+        rows = read_csv(tmp_path / run / "clients.csv")
+        picked[run] = [
+            [r["client"] for r in rows if r["round"] == str(n) and r["num_examples"]]
+            for n in range(1, 5)
+        ]
+    assert picked["a"] == picked["b"]
+    assert picked["a"] == [
+        [str(c) for c in sample_partitions(cfg.seed, n, 4, 0.5, 1, TRAIN)] for n in range(1, 5)
+    ]
+
+
+def test_a_fedbn_client_that_never_trained_has_no_score(tmp_path):
+    cfg = small_config(
+        "model.norm=bn",
+        "federation.strategy=fedbn",
+        "federation.fraction_train=0.25",
+        "federation.rounds=2",
+    )
+    run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
+    rows = read_csv(tmp_path / "clients.csv")
+    trained: set[str] = set()
+    for row in rows:  # rows are in round order
+        if row["num_examples"]:
+            trained.add(row["client"])
+        if row["client"] in trained:
+            assert int(row["local_state_round"]) >= 1 and row["global_val_accuracy"] != ""
+        else:  # never trained: said so, and no number for untrained BN layers
+            assert row["local_state_round"] == "0" and row["global_val_accuracy"] == ""
+    assert len(trained) < 4 or any(r["local_state_round"] == "0" for r in rows)
+    # FedBN: a client that sat out the last round still scores with the layers it trained
+    last = [r for r in rows if r["round"] == "2"]
+    assert any(r["client"] in trained and not r["num_examples"] for r in last) or len(trained) == 4
+
+
+def test_without_validation_data_no_best_round_is_claimed(tmp_path):
+    cfg = small_config("data.val_fraction=0", "federation.rounds=2")
+    summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
+    assert summary["best"] is None and summary["final"]["round"] == 2
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+
+
+def test_a_diverged_run_is_a_result_with_nulls_not_a_crash(tmp_path):
+    cfg = small_config(
+        "federation.strategy=fedavgm",
+        "federation.server_learning_rate=1.0e+30",
+        "federation.rounds=3",
+    )
+    summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
+    assert summary["status"] == "diverged" and summary["diverged_round"] == 1
+    on_disk = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN
+    assert on_disk["status"] == "diverged" and "round 1" in on_disk["error"]
+    assert on_disk["final"]["test_loss"] is None or math.isfinite(on_disk["final"]["test_loss"])
+    assert [r["round"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1"]
+
+
+def failing_evaluation(client: int):
+    """The ClientApp, except that ``client`` fails every evaluation."""
+
+    def app(msg: Message, context):
+        is_eval = msg.metadata.message_type == MessageType.EVALUATE
+        if is_eval and context.node_config["partition-id"] == client:
+            raise RuntimeError("evaluation broke")
+        return client_app(msg, context)
+
+    return app
+
+
+def test_failed_evaluation_replies_are_counted_and_never_filled_in(tmp_path):
+    cfg = small_config("federation.rounds=2")
+    run_federation(InProcessGrid(failing_evaluation(2), 4), cfg, tmp_path)
+    metrics = read_csv(tmp_path / "metrics.csv")
+    assert [(r["eval_ok"], r["eval_failed"]) for r in metrics[1:]] == [("3", "1")] * 2
+    rows = [r for r in read_csv(tmp_path / "clients.csv") if r["client"] == "2"]
+    assert rows and all(r["global_val_accuracy"] == "" and r["val_accuracy"] for r in rows)
+
+
+def test_eta_l_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match=r"federation\.eta_l: .*optim\.lr"):
+        small_config("federation.strategy=fedadam", "federation.eta_l=0.1")
