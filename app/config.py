@@ -30,6 +30,12 @@ AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "imagefolder")  # natural images
 PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "quantity", "feature")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedbn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# the server optimizers' settings each strategy uses (any other set is refused, never ignored)
+SERVER_OPTIMIZER_SETTINGS = {
+    "fedadam": ("eta", "beta_1", "beta_2", "tau"),
+    "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
+    "fedadagrad": ("eta", "tau"),
+}
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
 
@@ -74,6 +80,7 @@ class PartitionConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.kind, PARTITIONS, "kind")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
         _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
         _check(
@@ -174,12 +181,19 @@ class OptimConfig:
     weight_decay: float = 0.0
     # weight decay on norm affines, scaled-WS gains and NF skip gains too (NFNets: not)
     decay_norms: bool = False
+    # adaptive gradient clipping lambda (Brock et al. 2021, arXiv 2102.06171); null: off
+    agc_clip: float | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.name, OPTIMIZERS, "name")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(
+            self.agc_clip is None or self.agc_clip > 0,
+            "agc_clip",
+            f"must be > 0 or null, got {self.agc_clip}",
+        )
         _check(
             not self.nesterov or (self.name == "sgd" and self.momentum > 0),
             "nesterov",
@@ -259,6 +273,15 @@ class FederationConfig:
         for name in ("beta_1", "beta_2"):
             value = getattr(self, name)
             _check(value is None or 0 <= value < 1, name, f"must be in [0, 1), got {value}")
+        used = SERVER_OPTIMIZER_SETTINGS.get(self.strategy, ())
+        for name in ("eta", "beta_1", "beta_2", "tau"):
+            users = [k for k, v in SERVER_OPTIMIZER_SETTINGS.items() if name in v]
+            _check(
+                getattr(self, name) is None or name in used,
+                name,
+                f"is not used by strategy {self.strategy} (only by {', '.join(users)}): "
+                "remove it, or choose one of those",
+            )
 
     def strategy_options(self) -> dict[str, float]:
         """Keyword arguments of the chosen Flower strategy class (the server optimizers'
@@ -341,6 +364,7 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         n = self.data.partition.num_clients
         _check(
             self.federation.min_clients <= n,

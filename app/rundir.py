@@ -100,7 +100,7 @@ RESULT_COLUMNS = (
     "final_test_accuracy",
     "final_test_loss",
     "best_val_round",
-    "best_val_accuracy",
+    "best_global_val_accuracy",
     "test_accuracy_at_best_val",
     "client_val_mean",
     "client_val_worst10",

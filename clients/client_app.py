@@ -168,6 +168,7 @@ def train(msg: Message, context: Context) -> Message:
             PARTITION_KEY: local_shard.client,
             "train_loss": train_loss,
             "fit_s": fit_s,
+            "local-state-round": local.state_round if policy.personal else -1,
             **val,
         }
     )

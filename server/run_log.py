@@ -91,6 +91,7 @@ class RunLog:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept_clients)
+        self.kept_clients = kept_clients
         with open(self.diagnostics_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS)
             writer.writeheader()
@@ -101,6 +102,10 @@ class RunLog:
             csv_logger.log_metrics(row, step=int(row["round"]))
         csv_logger.save()
         self.start = time.time() - elapsed_s
+
+    def trained_clients(self) -> set[int]:
+        """The clients that trained in the rounds kept from an interrupted run."""
+        return {int(r["client"]) for r in self.kept_clients if r.get("num_examples")}
 
     @property
     def elapsed_s(self) -> float:
@@ -146,9 +151,11 @@ class RunLog:
         for logger in self.loggers:
             logger.finalize(status="success" if status == rundir.COMPLETED else "failed")
         last = next((r for r in reversed(self.rows) if not math.isnan(r["test_accuracy"])), None)
+        if diverged_round is not None:  # a diverged run has no final model
+            last = None
         best = _pick(self.best())
         if best is not None:
-            best = {**best, "val_accuracy": self.best()[rundir.SELECTED_BY]}
+            best = {**best, rundir.SELECTED_BY: self.best()[rundir.SELECTED_BY]}
             best["selected_by"] = rundir.SELECTED_BY
         trained = [r for r in self.rows if r["round"] > 0]
         summary = {

@@ -23,6 +23,7 @@ from app.errors import FedwsError
 from app.learn.runtime import PARTITION_KEY, PARTITION_QUERY
 
 TRAIN, EVALUATE = 0, 1  # the phase, so training and evaluation draw independently
+QUERY_TIMEOUT_S = 120.0  # how long the partition query waits for the nodes' answers
 
 
 def sample_partitions(
@@ -57,20 +58,28 @@ class PartitionMap:
         return nodes
 
     def _ask(self, grid: Grid, nodes: list[int]) -> None:
-        messages = [
-            Message(
-                RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=PARTITION_QUERY
-            )
-            for n in nodes
-        ]
-        for reply in grid.send_and_receive(messages):
+        """Learn the partition of each of ``nodes``; one that does not answer (gone, or a
+        stale id of a restarted node) is left out."""
+        content = RecordDict({"config": ConfigRecord()})
+        messages = [Message(content, dst_node_id=n, message_type=PARTITION_QUERY) for n in nodes]
+        for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT_S):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise FedwsError(
-                    f"node {node} did not say which partition it holds: {reply.error.reason}"
+                log(
+                    WARNING,
+                    "node %s did not say which partition it holds: %s",
+                    node,
+                    reply.error.reason,
                 )
+                continue
             metrics = next(iter(reply.content.metric_records.values()))
             self.partition_of[node] = int(metrics[PARTITION_KEY])
+
+    def _holders(self) -> dict[int, list[int]]:
+        holders: dict[int, list[int]] = {}
+        for node, partition in sorted(self.partition_of.items()):
+            holders.setdefault(partition, []).append(node)
+        return holders
 
     def nodes(self, grid: Grid, partitions: list[int]) -> list[int]:
         """The node ids holding ``partitions`` (in that order)."""
@@ -79,19 +88,21 @@ class PartitionMap:
         unknown = [n for n in connected if n not in self.partition_of]
         if unknown:
             self._ask(grid, unknown)
-        holders: dict[int, list[int]] = {}
-        for node, partition in self.partition_of.items():
-            holders.setdefault(partition, []).append(node)
-        twice = {p: n for p, n in holders.items() if len(n) > 1}
+        doubtful = [n for ns in self._holders().values() if len(ns) > 1 for n in ns]
+        if doubtful:  # a restarted node can still be listed under its old id: ask again
+            for node in doubtful:
+                del self.partition_of[node]
+            self._ask(grid, doubtful)
+        twice = {p: ns for p, ns in self._holders().items() if len(ns) > 1}
         if twice:
-            p, n = min(twice.items())
+            p, ns = min(twice.items())
             raise FedwsError(
-                f"partition {p} is held by {len(n)} nodes ({n}): each node needs "
-                "its own partition-id"
+                f"partition {p} is held by {len(ns)} nodes ({ns}): each node needs its own "
+                "partition-id"
             )
+        holders = self._holders()
         missing = [p for p in partitions if p not in holders]
         if missing:
-            log(WARNING, "no connected node holds partition(s) %s", missing)
             raise FedwsError(
                 f"no connected node holds partition(s) {missing} of {self.num_clients}: "
                 "start one SuperNode per partition (partition-id 0..num_clients-1)"

@@ -144,6 +144,7 @@ def run_federation(
     run_log = RunLog(
         cfg, out, ds.synthetic, resume_round=done if resume else None, elapsed_s=elapsed
     )
+    strategy.trained = run_log.trained_clients()
     rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
     clock = [time.perf_counter()]
 
@@ -153,11 +154,11 @@ def run_federation(
         server_round = step + done
         finite = _finite(arrays)
         evaluator.load(arrays)
-        due = server_round % eval_every == 0 or server_round in (0, rounds) or not finite
-        if due:
-            test, evaluation_rows = evaluator.evaluate()
-        else:
-            test, evaluation_rows = {"test_accuracy": math.nan, "test_loss": math.nan}, []
+        due = server_round % eval_every == 0 or server_round in (0, rounds)
+        untested = {"test_accuracy": math.nan, "test_loss": math.nan}
+        test, evaluation_rows = evaluator.evaluate() if due and finite else (untested, [])
+        if due and not math.isfinite(test["test_loss"]):
+            test = untested  # not a score: the round is recorded as where the run diverged
         replies = strategy.rounds.get(server_round, RoundReplies())
         now = time.perf_counter()
         row = {
@@ -177,7 +178,7 @@ def run_federation(
         clock[0] = now
         diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
         run_log.log_round(row, _client_rows(server_round, replies), diagnosed)
-        if not finite or (due and not math.isfinite(row["test_loss"])):
+        if not finite or (due and test is untested):
             what = "non-finite global weights" if not finite else "non-finite test loss"
             raise RunDiverged(server_round, what)
         point = {"strategy": strategy.state(), "elapsed_s": run_log.elapsed_s, "run_key": run_key}

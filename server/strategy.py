@@ -47,6 +47,10 @@ class TooFewRepliesError(FedwsError):
     """A round ended with fewer successful client replies than ``federation.min_clients``."""
 
 
+class LocalStateLostError(FedwsError):
+    """A client that trained before came back without its local state."""
+
+
 @dataclass
 class RoundReplies:
     """What one round's replies said, per client (keyed by partition id)."""
@@ -113,6 +117,7 @@ class RecordingMixin:
 
     min_replies: int = 1
     round_offset: int = 0
+    trained: set[int]  # clients that trained in an earlier round (their state is on their node)
     rounds: dict[int, RoundReplies]
     clients: ClientSampler
     server_optimizer: ServerOptimizer | None = None
@@ -162,10 +167,24 @@ class RecordingMixin:
         record.errors += [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed]
         return sorted(ok, key=_client)
 
+    def _check_local_state(self, replies: list[Message]) -> None:
+        """A client that trained before must find its local state (FedBN layers) on its node:
+        starting again from fresh layers would be a silent error in every later number."""
+        for msg in replies:
+            metrics = _metrics(msg)
+            client = int(metrics["partition-id"])
+            if metrics.get("local-state-round", -1) == 0 and client in self.trained:
+                raise LocalStateLostError(
+                    f"client {client} trained in an earlier round, but its node holds no local "
+                    "state for this run: was its state folder deleted, or did FEDWS_CACHE, "
+                    "HOME or the node's state-dir change since? (see README, client state)"
+                )
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         record = self.rounds.setdefault(server_round, RoundReplies())
         ok = self._split(replies, record)
+        self._check_local_state(ok)
         usable = [_finite(m) for m in ok]
         record.rejected = usable.count(False)
         record.errors += [
@@ -176,6 +195,7 @@ class RecordingMixin:
         ok = [m for m, u in zip(ok, usable, strict=True) if u]
         record.ok = len(ok)
         record.train = {_client(m): _metrics(m) for m in ok}
+        self.trained |= set(record.train)
         if len(ok) < self.min_replies:
             detail = f"; first error: {record.errors[0]}" if record.errors else ""
             raise TooFewRepliesError(
@@ -205,6 +225,7 @@ class RecordingMixin:
         record = self.rounds.setdefault(server_round, RoundReplies())
         counted = RoundReplies()
         ok = self._split(replies, counted)  # evaluation failures do not fail a round
+        self._check_local_state(ok)
         record.eval_failed = counted.failed
         if counted.failed:
             log(
@@ -245,6 +266,7 @@ def build_strategy(cfg: Config, model: torch.nn.Module | None = None) -> fl.FedA
     )
     strategy.min_replies = fed.min_clients
     strategy.rounds = {}
+    strategy.trained = set()
     strategy.clients = ClientSampler(cfg, evaluate_fraction)
     if fed.strategy in SERVER_OPTIMIZERS:
         if model is None:

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from app.config import Config
 from app.data.augment import random_crop_flip
+from app.learn import agc
 from app.nn.models import build_model, no_decay_parameters
 
 
@@ -25,7 +26,8 @@ class FedwsClassifier(L.LightningModule):
 
     ``proximal_mu > 0`` adds FedProx's proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020,
     arXiv 1812.06127) once ``set_global_weights`` has given it the round's global weights.
-    ``augment`` crops and flips each training batch (``app.data.augment``), never an evaluation one.
+    ``augment`` crops and flips each training batch (``app.data.augment``), never an evaluation
+    one. ``agc_clip`` turns on adaptive gradient clipping (``app.learn.agc``).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class FedwsClassifier(L.LightningModule):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decay_norms: bool = False,
+        agc_clip: float | None = None,
         proximal_mu: float = 0.0,
         augment: bool = False,
     ) -> None:
@@ -67,6 +70,7 @@ class FedwsClassifier(L.LightningModule):
             nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
             decay_norms=cfg.optim.decay_norms,
+            agc_clip=cfg.optim.agc_clip,
             proximal_mu=mu,
             augment=cfg.data.augmented,
         )
@@ -135,6 +139,16 @@ class FedwsClassifier(L.LightningModule):
             {"params": [p for n, p in named if n not in exempt]},
             {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
         ]
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """``agc_clip``: adaptive gradient clipping (``app.learn.agc``) of every parameter but
+        the classifier's, after backward (gradients unscaled under mixed precision) and before
+        the optimizer step; then Lightning's own clipping, if any was asked for."""
+        if self.hparams.get("agc_clip"):
+            agc.clip_gradients(agc.clipped_parameters(self.model), self.hparams.agc_clip)
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         hp = self.hparams

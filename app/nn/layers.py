@@ -120,6 +120,15 @@ class ScaledWSConv2d(_StandardizedConv2d):
         return w.reshape_as(self.weight)
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions, keeping them as 1x1: ``nn.AdaptiveAvgPool2d(1)``'s
+    result (bit for bit on the CPU), but with a backward pass that is deterministic on CUDA,
+    where ``AdaptiveAvgPool2d``'s raises under ``torch.use_deterministic_algorithms(True)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-excitation channel attention (Hu et al. 2018), batch-independent.
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.nn.layers import RELU_GAMMA, ScaledWSConv2d, SqueezeExcite
+from app.nn.layers import RELU_GAMMA, GlobalAvgPool, ScaledWSConv2d, SqueezeExcite
 from app.nn.norms import DEFAULT_GN_GROUPS, NORMS, NormSpec, get_norm
 
 NF_ALPHA = 0.2  # Brock et al. 2021 (arXiv 2101.08692), NF-ResNets use alpha = 0.2
@@ -57,7 +57,7 @@ class SmallCNN(nn.Module):
             block1.append(SqueezeExcite(w1))
             block2.append(SqueezeExcite(w2))
         self.features = nn.Sequential(
-            *block1, nn.MaxPool2d(2), *block2, nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1)
+            *block1, nn.MaxPool2d(2), *block2, nn.MaxPool2d(2), GlobalAvgPool()
         )
         self.classifier = nn.Linear(w2, num_classes)
 
@@ -157,7 +157,7 @@ class ResNetCifar(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         # NF blocks are pre-activation: the final ReLU closes the residual stream.
         self.head_act = nn.ReLU() if spec.nf else nn.Identity()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ def summary_text(cfg: Config, out: Path, summary: dict[str, Any]) -> str:
     tag = " [SYNTHETIC DATA]" if summary["synthetic_data"] else ""
     chosen = (
         f"; at the best round by validation ({best['round']}, {best['selected_by']} "
-        f"{_fmt(best['val_accuracy'])}): {_fmt(best['test_accuracy'])}"
+        f"{_fmt(best[best['selected_by']])}): {_fmt(best['test_accuracy'])}"
         if best
         else "; no validation data to choose a best round by"
     )

@@ -142,10 +142,10 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
                     "final_test_accuracy": c.final if c.completed else "",
                     "final_test_loss": _blank((s.get("final") or {}).get("test_loss")),
                     "best_val_round": c.best.get("round", ""),
-                    "best_val_accuracy": _blank(c.best.get("val_accuracy")),
+                    "best_global_val_accuracy": _blank(c.best.get(rundir.SELECTED_BY)),
                     "test_accuracy_at_best_val": _blank(c.best.get("test_accuracy")),
-                    "client_val_mean": np.mean(c.client_acc) if c.client_acc else "",
-                    "client_val_worst10": _worst10(c.client_acc) if c.client_acc else "",
+                    "client_val_mean": _blank(_client_mean(c)) if c.completed else "",
+                    "client_val_worst10": _blank(_worst10(c.client_acc)) if c.completed else "",
                     "test_round_to_target": reached[0] if reached else "",
                     "rounds": s.get("rounds", ""),
                     "wall_s": s.get("wall_s", ""),
@@ -156,7 +156,8 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
 
 
 def _blank(value: Any) -> Any:
-    return "" if value is None else value
+    """A results.csv cell: empty for a value that was not measured (None or NaN)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _ordered(values) -> list[str]:
@@ -184,7 +185,8 @@ def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> 
     for c in cells:
         if c.diverged:
             diverged[(c.row, c.column)].append(f"r{c.summary.get('diverged_round')}")
-    means = {k: float(np.mean(v)) for k, v in acc.items()}
+    # a group with diverged seeds averages only the others: it is shown, never bolded as best
+    means = {k: float(np.mean(v)) for k, v in acc.items() if k not in diverged}
     best = {col: max((m for (r, c), m in means.items() if c == col), default=None) for col in cols}
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
@@ -198,7 +200,7 @@ def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> 
                 continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             text = f"{np.mean(values):.4f} ± {std:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-            top = bold and means[(row, col)] == best[col]
+            top = bold and (row, col) in means and means[(row, col)] == best[col]
             text = f"**{text}**" if top else text
             cells_md.append(f"{text}; {len(lost)} {note}" if lost else text)
         lines.append(f"| {row} | " + " | ".join(cells_md) + " |")

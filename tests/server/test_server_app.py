@@ -71,7 +71,7 @@ def test_run_directory_contract(tmp_path):
     chosen = max(val, key=val.get)
     assert summary["best"]["selected_by"] == "global_val_accuracy"
     assert summary["best"]["round"] == chosen
-    assert summary["best"]["val_accuracy"] == pytest.approx(val[chosen])
+    assert summary["best"]["global_val_accuracy"] == pytest.approx(val[chosen])
     assert summary["best"]["test_accuracy"] == pytest.approx(
         float(metrics[chosen]["test_accuracy"])
     )

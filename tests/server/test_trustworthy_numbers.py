@@ -17,8 +17,10 @@ from helpers import InProcessGrid, set_task_identity, small_config
 from app.config import ConfigError
 from app.learn.server_optim import SERVER_OPTIMIZERS
 from clients.client_app import app as client_app
+from server.evaluation import GlobalEvaluator
 from server.sampling import EVALUATE, TRAIN, sample_partitions
 from server.server_app import run_federation
+from server.strategy import LocalStateLostError
 
 
 @pytest.fixture(autouse=True)
@@ -140,20 +142,37 @@ def test_a_fedbn_client_that_never_trained_has_no_score(tmp_path):
         "federation.fraction_train=0.25",
         "federation.rounds=2",
     )
+    first, second = (sample_partitions(0, r, 4, 0.25, 1, TRAIN) for r in (1, 2))
+    assert len(first) == len(second) == 1 and first != second  # seed 0 draws two clients
     run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
-    rows = read_csv(tmp_path / "clients.csv")
-    trained: set[str] = set()
-    for row in rows:  # rows are in round order
-        if row["num_examples"]:
-            trained.add(row["client"])
-        if row["client"] in trained:
-            assert int(row["local_state_round"]) >= 1 and row["global_val_accuracy"] != ""
+    rows = {(int(r["round"]), int(r["client"])): r for r in read_csv(tmp_path / "clients.csv")}
+    assert len(rows) == 2 * 4  # every client evaluated each round
+    for (rnd, client), row in rows.items():
+        trained_at = [r for r, c in ((1, first[0]), (2, second[0])) if c == client and r <= rnd]
+        if trained_at:  # its own BN layers, from the round it last trained in
+            assert int(row["local_state_round"]) == trained_at[-1]
+            assert 0 <= float(row["global_val_accuracy"]) <= 1
         else:  # never trained: said so, and no number for untrained BN layers
             assert row["local_state_round"] == "0" and row["global_val_accuracy"] == ""
-    assert len(trained) < 4 or any(r["local_state_round"] == "0" for r in rows)
-    # FedBN: a client that sat out the last round still scores with the layers it trained
-    last = [r for r in rows if r["round"] == "2"]
-    assert any(r["client"] in trained and not r["num_examples"] for r in last) or len(trained) == 4
+    # the round-1 client sat out round 2 and still scores with the layers it trained
+    assert (
+        rows[(2, first[0])]["num_examples"] == ""
+        and rows[(2, first[0])]["local_state_round"] == "1"
+    )
+
+
+def test_a_client_whose_node_lost_its_state_stops_the_run(tmp_path, monkeypatch):
+    cfg = small_config("model.norm=bn", "federation.strategy=fedbn", "federation.rounds=3")
+
+    def stop_after_round_1(row):
+        if row["round"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(InProcessGrid(client_app, 4), cfg, tmp_path, progress=stop_after_round_1)
+    monkeypatch.setenv("FEDWS_CACHE", str(tmp_path / "another-cache"))  # the state is elsewhere
+    with pytest.raises(LocalStateLostError, match="client 0 trained in an earlier round"):
+        run_federation(InProcessGrid(client_app, 4), cfg, tmp_path, resume=True)
 
 
 def test_without_validation_data_no_best_round_is_claimed(tmp_path):
@@ -161,6 +180,28 @@ def test_without_validation_data_no_best_round_is_claimed(tmp_path):
     summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
     assert summary["best"] is None and summary["final"]["round"] == 2
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+
+
+def test_a_non_finite_test_loss_is_divergence_too(tmp_path, monkeypatch):
+    real = GlobalEvaluator.evaluate
+
+    def evaluate(self):
+        test, rows = real(self)
+        if self._calls == 2:  # round 2: finite weights, a loss that is not (a BN variance < 0)
+            test = {**test, "test_loss": math.nan}
+        self._calls += 1
+        return test, rows
+
+    monkeypatch.setattr(GlobalEvaluator, "_calls", 0, raising=False)
+    monkeypatch.setattr(GlobalEvaluator, "evaluate", evaluate)
+    summary = run_federation(
+        InProcessGrid(client_app, 4), small_config("federation.rounds=4"), tmp_path
+    )
+    assert summary["status"] == "diverged" and summary["diverged_round"] == 2
+    assert "non-finite test loss" in summary["error"]
+    assert summary["final"] is None and summary["best"]["round"] == 1  # never the diverged one
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [r["round"] for r in rows] == ["0", "1", "2"] and rows[2]["test_accuracy"] == "nan"
 
 
 def test_a_diverged_run_is_a_result_with_nulls_not_a_crash(tmp_path):
@@ -172,8 +213,9 @@ def test_a_diverged_run_is_a_result_with_nulls_not_a_crash(tmp_path):
     summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
     assert summary["status"] == "diverged" and summary["diverged_round"] == 1
     on_disk = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN
-    assert on_disk["status"] == "diverged" and "round 1" in on_disk["error"]
-    assert on_disk["final"]["test_loss"] is None or math.isfinite(on_disk["final"]["test_loss"])
+    # weights of 1e29 are finite; the logits they give are not
+    assert on_disk["status"] == "diverged" and "round 1: non-finite test loss" in on_disk["error"]
+    assert on_disk["final"] is None and on_disk["best"] is None
     assert [r["round"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1"]
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.nn.layers import RELU_GAMMA, ScaledWSConv2d, SqueezeExcite, WSConv2d
+from app.nn.layers import RELU_GAMMA, GlobalAvgPool, ScaledWSConv2d, SqueezeExcite, WSConv2d
 
 
 def reference_ws(w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -200,3 +200,14 @@ def test_ws_conv_is_a_drop_in_conv2d():
     assert isinstance(conv, nn.Conv2d)
     assert conv(torch.randn(1, 3, 9, 9)).shape == (1, 8, 5, 5)
     assert set(conv.state_dict()) == {"weight"}
+
+
+def test_global_avg_pool_is_adaptive_avg_pool_bit_for_bit_forward_and_backward():
+    torch.manual_seed(7)
+    x = torch.randn(32, 16, 7, 7, requires_grad=True)
+    ours, theirs = GlobalAvgPool()(x), F.adaptive_avg_pool2d(x, 1)
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    (a,) = torch.autograd.grad(ours, x, g)
+    (b,) = torch.autograd.grad(theirs, x, g)
+    assert torch.equal(a, b)
