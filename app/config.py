@@ -27,7 +27,10 @@ ARCHS = ("cnn", "resnet20")
 NORMS = ("bn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "imagefolder")  # natural images
-PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "quantity", "feature")
+PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "quantity", "feature", "domains")
+# image styles of multi-domain clients (``app.data.domains`` keys its registry by these)
+DOMAIN_STYLES = ("identity", "invert", "noise", "blur", "contrast", "grayscale", "hue")
+DEFAULT_ALPHA = 0.5  # Dirichlet concentration when dirichlet/quantity leave alpha null
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedbn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # the server optimizers' settings each strategy uses (any other set is refused, never ignored)
@@ -71,18 +74,42 @@ class FeatureSkewConfig:
 class PartitionConfig:
     kind: str = "iid"
     num_clients: int = 10
-    alpha: float = 0.5  # Dirichlet concentration (dirichlet: labels, quantity: client sizes)
+    # Dirichlet concentration: label skew (dirichlet; domains: inside each domain, only when
+    # given) or client sizes (quantity); null: 0.5 for dirichlet and quantity
+    alpha: float | None = None
     classes_per_client: int = 2  # pathological
     shards_per_client: int = 2  # shards
     min_partition_size: int = 10  # dirichlet / quantity: smallest client accepted
     seed: int = 0  # partition seed, separate from the training seed
     feature: FeatureSkewConfig = field(default_factory=FeatureSkewConfig)
+    # domains: the image style of each domain; client i belongs to domain i mod K. Empty for
+    # an imagefolder tree of domain folders (train/<domain>/<class>/...): the folders are them
+    domains: tuple[str, ...] = ()
+
+    @property
+    def concentration(self) -> float:
+        """``alpha``, or its default 0.5 when null."""
+        return DEFAULT_ALPHA if self.alpha is None else self.alpha
 
     def __post_init__(self) -> None:
         _one_of(self.kind, PARTITIONS, "kind")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
-        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _check(
+            self.alpha is None or self.alpha > 0, "alpha", f"must be > 0 or null, got {self.alpha}"
+        )
+        for i, style in enumerate(self.domains):
+            _one_of(style, DOMAIN_STYLES, f"domains[{i}]")
+        _check(
+            len(set(self.domains)) == len(self.domains),
+            "domains",
+            f"each style names one domain, at most once: got {list(self.domains)}",
+        )
+        _check(
+            not self.domains or self.kind == "domains",
+            "domains",
+            f"only for kind: domains, got kind {self.kind!r}",
+        )
         _check(
             self.classes_per_client >= 1,
             "classes_per_client",

@@ -6,6 +6,7 @@ A run directory (``fedws run``, ``flwr run .``, a study cell)::
     metrics.csv        a row per round (METRIC_COLUMNS), round 0 = the initial model
     clients.csv        a row per client per round (CLIENT_COLUMNS)
     diagnostics.csv    a row per round, quantity and layer (DIAGNOSTIC_COLUMNS)
+    domains.csv        multi-domain runs: a row per round and domain (DOMAIN_COLUMNS)
     summary.json       status, final and best metrics, timings, versions
     checkpoints/       last.ckpt, best.ckpt, clients/ (each client's local state)
     tensorboard/       TensorBoard events (optional)
@@ -41,6 +42,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 CLIENTS = "clients.csv"
 DIAGNOSTICS = "diagnostics.csv"
+DOMAINS = "domains.csv"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -85,6 +87,9 @@ CLIENT_COLUMNS = (
     "local_state_round",
 )
 DIAGNOSTIC_COLUMNS = ("round", "quantity", "layer", "value")
+# scored_by: "global" (the server's model) or "clients" (under fedbn: the mean over the
+# domain's evaluated clients, each with its own BN layers); clients: how many
+DOMAIN_COLUMNS = ("round", "domain", "test_accuracy", "test_loss", "scored_by", "clients")
 RESULT_COLUMNS = (
     "cell",
     "status",
@@ -139,6 +144,10 @@ class RunDir:
     @property
     def diagnostics(self) -> Path:
         return self.path / DIAGNOSTICS
+
+    @property
+    def domains(self) -> Path:
+        return self.path / DOMAINS
 
     @property
     def summary(self) -> Path:

@@ -26,6 +26,8 @@ from app.learn.runtime import (
     RUN_KEY,
     config_from_text,
     dataset,
+    domain_test,
+    domains,
     new_module,
     round_seed,
     shard_on,
@@ -185,7 +187,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     local = _prepare(msg, context, before_round=server_round + 1)
     personal = bool(local.policy.personal)
-    if personal and local.state_round == 0:
+    untrained = personal and local.state_round == 0
+    if untrained:
         val = {"val_accuracy": math.nan, "val_loss": math.nan}
     else:
         val = _validate(local.cfg, local.module, local.shard)
@@ -197,4 +200,15 @@ def evaluate(msg: Message, context: Context) -> Message:
             **val,
         }
     )
+    doms = domains(local.cfg.data)
+    if doms is not None and personal:  # its domain's test images, with its own BN layers
+        d = doms.of_client(local.shard.client)
+        test = {"test_acc": math.nan, "test_loss": math.nan}
+        if not untrained:
+            x, y = domain_test(local.cfg.data, d)
+            loader = tensor_loader(x, y, local.cfg.train.eval_batch_size)
+            (test,) = make_trainer(local.cfg).test(local.module, loader, verbose=False)
+        metrics["domain"] = d
+        metrics["domain-test-accuracy"] = float(test["test_acc"])
+        metrics["domain-test-loss"] = float(test["test_loss"])
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

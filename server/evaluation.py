@@ -19,22 +19,41 @@ from flwr.app import ArrayRecord
 
 from app.config import Config
 from app.data.datasets import ImageDataset
+from app.data.domains import TRAIN, Domains
 from app.learn import diagnostics
 from app.learn.classifier import FedwsClassifier
+from app.learn.runtime import domain_test
 from app.learn.state import StatePolicy, load_partial
 from app.learn.trainer import make_trainer, tensor_loader
 
+GLOBAL_MODEL = "global"  # domains.csv scored_by: the server's model on each domain
+
 
 class GlobalEvaluator:
-    """Holds the global model; loads each round's arrays, tests it on the official test split."""
+    """Holds the global model; loads each round's arrays, tests it on the official test split
+    (in a multi-domain run: on each domain's test images, in that domain's style)."""
 
     def __init__(
-        self, cfg: Config, ds: ImageDataset, module: FedwsClassifier, policy: StatePolicy
+        self,
+        cfg: Config,
+        ds: ImageDataset,
+        module: FedwsClassifier,
+        policy: StatePolicy,
+        domains: Domains | None = None,
     ) -> None:
         self.cfg, self.module, self.policy = cfg, module, policy
         batch, server = cfg.train.eval_batch_size, cfg.server
-        x_test = ds.normalize(ds.x_test)
-        self.loader = tensor_loader(x_test, ds.y_test, batch)
+        self.domains = domains
+        if domains is None:
+            x_test, y_test = ds.normalize(ds.x_test), ds.y_test
+            self.parts = [(None, tensor_loader(x_test, y_test, batch), len(y_test))]
+        else:
+            tests = [domain_test(cfg.data, d) for d in range(domains.count)]
+            self.parts = [
+                (name, tensor_loader(x, y, batch), len(y))
+                for name, (x, y) in zip(domains.names, tests, strict=True)
+            ]
+            x_test = torch.cat([x for x, _ in tests])
         has_bn = bool(diagnostics.bn_layers(module.model))
         # what the BN diagnostics and recalibration use, prepared only when they will run
         self.diagnose = server.diagnostics and has_bn
@@ -48,35 +67,64 @@ class GlobalEvaluator:
             self.calibration_idx = diagnostics.sample_indices(
                 len(ds.x_train), server.calibration_samples, cfg.seed
             )
-            x = ds.normalize(ds.x_train[torch.from_numpy(self.calibration_idx)])
+            images = ds.x_train[torch.from_numpy(self.calibration_idx)]
+            if domains is not None and domains.of_train is None:  # styles: an equal share each
+                chunks = images.chunk(domains.count)
+                x = torch.cat(
+                    [ds.normalize(c, domains.style(d, TRAIN)) for d, c in enumerate(chunks)]
+                )
+            else:
+                x = ds.normalize(images)
             self.calibration = list(x.split(batch))
 
     def load(self, arrays: ArrayRecord) -> None:
         load_partial(self.module.model, arrays.to_torch_state_dict(), self.policy.travel)
 
-    def test(self) -> dict[str, float]:
-        """Accuracy and loss of the current global model on the test split (Lightning test)."""
-        (metrics,) = make_trainer(self.cfg).test(self.module, self.loader, verbose=False)
-        return {
-            "test_accuracy": float(metrics["test_acc"]),
-            "test_loss": float(metrics["test_loss"]),
+    def test(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Accuracy and loss of the current global model on the test split (Lightning test),
+        and in a multi-domain run one ``domains.csv`` row per domain (the overall numbers are
+        then those of all domains' test images together)."""
+        per_part = []
+        for name, loader, n in self.parts:
+            (metrics,) = make_trainer(self.cfg).test(self.module, loader, verbose=False)
+            per_part.append((name, float(metrics["test_acc"]), float(metrics["test_loss"]), n))
+        total = sum(n for *_, n in per_part)
+        overall = {
+            "test_accuracy": sum(acc * n for _, acc, _, n in per_part) / total,
+            "test_loss": sum(loss * n for _, _, loss, n in per_part) / total,
         }
+        if self.domains is None:
+            return overall, []
+        rows = [
+            {
+                "domain": name,
+                "test_accuracy": acc,
+                "test_loss": loss,
+                "scored_by": GLOBAL_MODEL,
+                "clients": "",
+            }
+            for name, acc, loss, _ in per_part
+        ]
+        return overall, rows
 
-    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """``test()``, with recalibrated BN statistics when configured, and the diagnostics
-        rows: the BN statistics gap before (and after) recalibration, the test accuracy and
-        loss without recalibration."""
+    def evaluate(
+        self,
+    ) -> tuple[dict[str, float], list[dict[str, Any]], list[dict[str, Any]]]:
+        """``test()``, with recalibrated BN statistics when configured; the diagnostics rows
+        (the BN statistics gap before and after recalibration, the test accuracy and loss
+        without recalibration) and the per-domain rows."""
         model = self.module.model
         rows = diagnostics.bn_test_gap(model, self.gap_batches) if self.diagnose else []
         if not self.recalibrate:
-            return self.test(), rows
-        raw = self.test()
+            test, domain_rows = self.test()
+            return test, rows, domain_rows
+        raw, _ = self.test()
         rows += [diagnostics.row(f"{k}_raw", diagnostics.ALL, v) for k, v in raw.items()]
         with diagnostics.recalibrated(model, self.calibration):
-            test = self.test()
+            test, domain_rows = self.test()
             if self.diagnose:
                 rows += diagnostics.bn_test_gap(model, self.gap_batches, "bn_test_gap_recalibrated")
-        return test, rows
+        return test, rows, domain_rows
 
     def save_checkpoint(
         self, path: Path, server_round: int, resume: dict[str, Any] | None = None

@@ -27,7 +27,7 @@ from app import rundir
 from app.config import Config, dump_config
 from app.errors import ConfigError
 from app.learn.diagnostics import summarise
-from app.rundir import CLIENT_COLUMNS, DIAGNOSTIC_COLUMNS, METRIC_COLUMNS, RunDir
+from app.rundir import CLIENT_COLUMNS, DIAGNOSTIC_COLUMNS, DOMAIN_COLUMNS, METRIC_COLUMNS, RunDir
 
 
 def versions() -> dict[str, str]:
@@ -71,6 +71,7 @@ class RunLog:
         synthetic: bool,
         resume_round: int | None = None,
         elapsed_s: float = 0.0,
+        domains: bool = False,
     ) -> None:
         self.cfg, self.run, self.synthetic = cfg, RunDir(out), synthetic
         out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,10 @@ class RunLog:
             kept = rundir.rows_until(self.run.metrics, resume_round)
             kept_clients = rundir.rows_until(self.clients_path, resume_round)
             self.diagnostics = rundir.rows_until(self.diagnostics_path, resume_round)
+        self.domains = domains
+        self.domain_rows = []
+        if domains and resume_round is not None:
+            self.domain_rows = rundir.rows_until(self.run.domains, resume_round)
         self.loggers = _loggers(cfg, out)
         with warnings.catch_warnings():  # an old run's files in OUT are replaced on purpose
             warnings.filterwarnings("ignore", message="Experiment logs directory")
@@ -96,6 +101,11 @@ class RunLog:
             writer = csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS)
             writer.writeheader()
             writer.writerows(self.diagnostics)
+        if domains:
+            with open(self.run.domains, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=DOMAIN_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.domain_rows)
         self.rows = [{k: rundir.cell_number(r.get(k) or "0") for k in METRIC_COLUMNS} for r in kept]
         csv_logger = self.loggers[0]
         for row in self.rows:
@@ -116,8 +126,13 @@ class RunLog:
         row: dict[str, float],
         clients: list[dict[str, Any]],
         diagnosed: list[dict[str, Any]] = (),
+        domain_rows: list[dict[str, Any]] = (),
     ) -> None:
         self.rows.append(row)
+        if domain_rows:
+            self.domain_rows += domain_rows
+            with open(self.run.domains, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=DOMAIN_COLUMNS).writerows(domain_rows)
         self.diagnostics += diagnosed
         with open(self.diagnostics_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS).writerows(diagnosed)
@@ -176,6 +191,7 @@ class RunLog:
             "model": {"arch": self.cfg.model.arch, "norm": self.cfg.model.norm},
             "strategy": self.cfg.federation.strategy,
             "diagnostics": summarise(self.diagnostics),
+            "domains": _final_domains(self.domain_rows) if self.domains else None,
             "versions": versions(),
         }
         rundir.write_summary(self.run, summary)
@@ -189,4 +205,19 @@ def _pick(row: dict[str, float] | None) -> dict[str, float] | None:
         "round": int(row["round"]),
         "test_accuracy": row["test_accuracy"],
         "test_loss": row["test_loss"],
+    }
+
+
+def _final_domains(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last round's per-domain test accuracy and their mean (the FedBN/FedWon headline)."""
+    if not rows:
+        return None
+    last = max(int(r["round"]) for r in rows)
+    final = {r["domain"]: float(r["test_accuracy"]) for r in rows if int(r["round"]) == last}
+    finite = [v for v in final.values() if math.isfinite(v)]
+    return {
+        "round": last,
+        "test_accuracy": final,
+        "mean_test_accuracy": sum(finite) / len(finite) if finite else None,
+        "scored_by": next(r["scored_by"] for r in rows if int(r["round"]) == last),
     }

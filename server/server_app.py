@@ -26,9 +26,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from app import rundir
 from app.config import Config, dump_config, load_config
+from app.data.domains import Domains
 from app.errors import ConfigError, FedwsError
 from app.learn import diagnostics
 from app.learn.runtime import CONFIG_KEY, RUN_KEY, dataset, new_module
+from app.learn.runtime import domains as runtime_domains
 from app.learn.state import select, state_policy
 from app.learn.trainer import quiet_lightning
 from app.rundir import RunDir
@@ -37,6 +39,7 @@ from server.run_log import RunLog
 from server.strategy import RoundReplies, build_strategy
 
 ProgressFn = Callable[[dict[str, float]], None]
+CLIENT_MODELS = "clients"  # domains.csv scored_by: the domain's clients, their own BN layers
 
 
 def _weighted_mean(per_client: dict[int, dict[str, float]], key: str) -> float:
@@ -63,6 +66,29 @@ def _client_rows(server_round: int, replies: RoundReplies) -> list[dict[str, Any
                 "global_val_accuracy": _measured(ev.get("val_accuracy")),
                 "global_val_loss": _measured(ev.get("val_loss")),
                 "local_state_round": state_round if state_round >= 0 else "",
+            }
+        )
+    return rows
+
+
+def _domains_by_clients(doms: Domains, replies: RoundReplies) -> list[dict[str, Any]]:
+    """Per domain, the mean over its evaluated clients (each with its own BN layers, equal
+    weights: each scored the whole test split of the domain); clients without layers of their
+    own yet (never trained) are left out."""
+    rows = []
+    for d, name in enumerate(doms.names):
+        scores = [
+            (m["domain-test-accuracy"], m["domain-test-loss"])
+            for m in replies.evaluate.values()
+            if int(m.get("domain", -1)) == d and math.isfinite(m["domain-test-accuracy"])
+        ]
+        rows.append(
+            {
+                "domain": name,
+                "test_accuracy": sum(a for a, _ in scores) / len(scores) if scores else math.nan,
+                "test_loss": sum(v for _, v in scores) / len(scores) if scores else math.nan,
+                "scored_by": CLIENT_MODELS,
+                "clients": len(scores),
             }
         )
     return rows
@@ -140,9 +166,15 @@ def run_federation(
         strategy.restore(point["strategy"])
         strategy.round_offset, elapsed = done, point["elapsed_s"]
         run_key = point.get("run_key", run_key)
-    evaluator = GlobalEvaluator(cfg, ds, module, policy)
+    doms = runtime_domains(cfg.data)
+    evaluator = GlobalEvaluator(cfg, ds, module, policy, doms)
     run_log = RunLog(
-        cfg, out, ds.synthetic, resume_round=done if resume else None, elapsed_s=elapsed
+        cfg,
+        out,
+        ds.synthetic,
+        resume_round=done if resume else None,
+        elapsed_s=elapsed,
+        domains=doms is not None,
     )
     strategy.trained = run_log.trained_clients()
     rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
@@ -156,7 +188,8 @@ def run_federation(
         evaluator.load(arrays)
         due = server_round % eval_every == 0 or server_round in (0, rounds)
         untested = {"test_accuracy": math.nan, "test_loss": math.nan}
-        test, evaluation_rows = evaluator.evaluate() if due and finite else (untested, [])
+        tested = evaluator.evaluate() if due and finite else (untested, [], [])
+        test, evaluation_rows, domain_rows = tested
         if due and not math.isfinite(test["test_loss"]):
             test = untested  # not a score: the round is recorded as where the run diverged
         replies = strategy.rounds.get(server_round, RoundReplies())
@@ -177,7 +210,10 @@ def run_federation(
         }
         clock[0] = now
         diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
-        run_log.log_round(row, _client_rows(server_round, replies), diagnosed)
+        if doms is not None and policy.personal:  # FedBN: each domain as its clients see it
+            domain_rows = _domains_by_clients(doms, replies) if server_round else []
+        domain_rows = [{"round": server_round, **r} for r in domain_rows]
+        run_log.log_round(row, _client_rows(server_round, replies), diagnosed, domain_rows)
         if not finite or (due and test is untested):
             what = "non-finite global weights" if not finite else "non-finite test loss"
             raise RunDiverged(server_round, what)

@@ -54,6 +54,10 @@ class ImageDataset:
     classes: tuple[str, ...]
     source: str  # where it was read from, or "synthetic (generated, seed N)"
     synthetic: bool = False
+    # an image tree of domain folders: the domain names and each image's domain index
+    domains: tuple[str, ...] = ()
+    domain_train: torch.Tensor | None = None
+    domain_test: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,24 +85,37 @@ class ImageDataset:
             stds.append(var.sqrt())
         return torch.stack(means).float(), torch.stack(stds).float()
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> float32 standardized with the training split's statistics."""
+    def normalize(self, x: torch.Tensor, style: Callable | None = None) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float32 standardized with the training split's statistics;
+        ``style`` (a domain's image style, ``app.data.domains``) first transforms the [0, 1]
+        images."""
         mean, std = self.channel_stats()
-        return (x.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
+        x = x.float() / 255.0
+        if style is not None:
+            x = style(x)
+        return (x - mean[:, None, None]) / std[:, None, None]
 
     def subsample(self, train: int | None, test: int | None, seed: int) -> ImageDataset:
         """A seeded random subset of each split (None keeps the split whole)."""
         g = torch.Generator().manual_seed(seed)
 
-        def pick(x: torch.Tensor, y: torch.Tensor, n: int | None):
+        def pick(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None, n: int | None):
             if n is None or n >= len(y):
-                return x, y
+                return x, y, d
             idx = torch.randperm(len(y), generator=g)[:n].sort().values
-            return x[idx], y[idx]
+            return x[idx], y[idx], None if d is None else d[idx]
 
-        x_train, y_train = pick(self.x_train, self.y_train, train)
-        x_test, y_test = pick(self.x_test, self.y_test, test)
-        return replace(self, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        x_train, y_train, d_train = pick(self.x_train, self.y_train, self.domain_train, train)
+        x_test, y_test, d_test = pick(self.x_test, self.y_test, self.domain_test, test)
+        return replace(
+            self,
+            x_train=x_train,
+            y_train=y_train,
+            x_test=x_test,
+            y_test=y_test,
+            domain_train=d_train,
+            domain_test=d_test,
+        )
 
 
 # --- search paths ---------------------------------------------------------------------------
@@ -311,9 +328,9 @@ def load_image_folder(root: str | None, image_size: int | None = None) -> ImageD
         "Set data.root (--set data.root=PATH) or FEDWS_DATA to a folder or a .zip holding "
         "train/<class>/<image> and test/<class>/<image>.",
     )
-    arrays, classes, cache = load_imagefolder(path, image_size, _notice)
+    arrays, classes, domains, cache = load_imagefolder(path, image_size, _notice)
     source = f"{path} (decoded images cached in {cache})"
-    return ImageDataset("imagefolder", classes=classes, source=source, **arrays)
+    return ImageDataset("imagefolder", classes=classes, source=source, domains=domains, **arrays)
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:

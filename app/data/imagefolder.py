@@ -29,7 +29,7 @@ from app.errors import DataError
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: domain trees (domain_train, domain_test, domains)
 
 
 def cache_dir() -> Path:
@@ -41,6 +41,7 @@ class ImageFile:
     split: str
     label: str
     name: str  # path inside the source (a zip member name or a path relative to the folder)
+    domain: str = ""  # a domain tree's domain folder (train/<domain>/<class>/...)
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ class Source:
     fingerprint: str
 
 
-def _tree(names: list[str]) -> tuple[str, list[tuple[str, str, str]]]:
-    """The prefix holding ``train/`` (none, or one top-level folder) and the image entries
-    (split, class, name) below it."""
+def _tree(names: list[str]) -> tuple[str, list[ImageFile]]:
+    """The prefix holding ``train/`` (none, or one top-level folder) and the images below it:
+    ``split/class/image``, or in a domain tree (no image directly in a class folder)
+    ``split/domain/class/image``."""
     parts = [PurePosixPath(n).parts for n in names]
     if any(p[0] in SPLITS and len(p) > 1 for p in parts):
         prefix = ()
@@ -65,28 +67,36 @@ def _tree(names: list[str]) -> tuple[str, list[tuple[str, str, str]]]:
             prefix = (tops.pop(),)
         else:
             prefix = None
-    entries = []
+    entries: list[ImageFile] = []
     if prefix is not None:
         k = len(prefix)
-        for name, p in zip(names, parts, strict=True):
-            if (
-                len(p) == k + 3
-                and p[:k] == prefix
-                and p[k] in SPLITS
-                and PurePosixPath(p[-1]).suffix.lower() in IMAGE_SUFFIXES
-            ):
-                entries.append((p[k], p[k + 1], name))
+        images = [
+            (name, p)
+            for name, p in zip(names, parts, strict=True)
+            if p[:k] == prefix
+            and len(p) > k + 2
+            and p[k] in SPLITS
+            and PurePosixPath(p[-1]).suffix.lower() in IMAGE_SUFFIXES
+        ]
+        depth = k + 3 if any(len(p) == k + 3 for _, p in images) else k + 4
+        for name, p in images:
+            if len(p) == depth == k + 3:
+                entries.append(ImageFile(p[k], p[k + 1], name))
+            elif len(p) == depth:
+                entries.append(ImageFile(p[k], p[k + 2], name, domain=p[k + 1]))
     return "/".join(prefix or ()), entries
 
 
-def _class_dirs(names: list[str], prefix: str) -> dict[str, set[str]]:
-    """Every class folder of each split (also empty ones), from the entries' paths."""
+def _class_dirs(names: list[str], prefix: str, domains: bool) -> dict[str, set[str]]:
+    """Every class folder of each split (also empty ones), from the entries' paths; in a
+    domain tree a class folder is named ``<domain>/<class>``."""
     start = len(PurePosixPath(prefix).parts) if prefix else 0
+    level = 2 if domains else 1
     out: dict[str, set[str]] = {s: set() for s in SPLITS}
     for name in names:
         p = PurePosixPath(name).parts[start:]
-        if len(p) >= 2 and p[0] in SPLITS and (len(p) > 2 or name.endswith("/")):
-            out[p[0]].add(p[1])
+        if len(p) > level and p[0] in SPLITS and (len(p) > level + 1 or name.endswith("/")):
+            out[p[0]].add("/".join(p[1 : level + 1]))
     return out
 
 
@@ -123,10 +133,13 @@ def open_source(root: Path) -> tuple[Source, dict[str, set[str]]]:
     # macOS zips carry __MACOSX/ resource forks; hidden files and folders are never data
     names = sorted(n for n in names if not any(_hidden(p) for p in PurePosixPath(n).parts))
     prefix, entries = _tree(names)
-    files = tuple(ImageFile(s, c, n) for s, c, n in entries)
+    files = tuple(entries)
     # the file names count too: a file moved to another class keeps size and time
     listing = hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:16]
-    return Source(root, files, read, f"{fingerprint}:{listing}"), _class_dirs(names, prefix)
+    domains = any(f.domain for f in files)
+    return Source(root, files, read, f"{fingerprint}:{listing}"), _class_dirs(
+        names, prefix, domains
+    )
 
 
 def _hidden(part: str) -> bool:
@@ -205,19 +218,30 @@ def _cache_path(source: Source, image_size: int | None) -> Path:
 def _check_classes(source: Source, class_dirs: dict[str, set[str]]) -> tuple[str, ...]:
     where = source.path
     counts = {s: {} for s in SPLITS}
+    folders = {s: {} for s in SPLITS}  # class folders, "<domain>/<class>" in a domain tree
     for f in source.files:
         counts[f.split][f.label] = counts[f.split].get(f.label, 0) + 1
+        folder = f"{f.domain}/{f.label}" if f.domain else f.label
+        folders[f.split][folder] = True
     for split in SPLITS:
         if not class_dirs[split] and not counts[split]:
             raise DataError(
                 f"imagefolder: {where} has no {split}/ split: expected {split}/<class>/<image> "
-                "(JPEG or PNG), directly or inside one top-level folder"
+                f"(JPEG or PNG), or {split}/<domain>/<class>/<image>, directly or inside one "
+                "top-level folder"
             )
-        empty = sorted(class_dirs[split] - set(counts[split]))
+        empty = sorted(class_dirs[split] - set(folders[split]))
         if empty:
             raise DataError(
                 f"imagefolder: {where}: class folder {split}/{empty[0]} holds no JPEG or PNG image"
             )
+    train_domains = {f.domain for f in source.files if f.split == "train"}
+    test_domains = {f.domain for f in source.files if f.split == "test"}
+    if test_domains - train_domains:
+        raise DataError(
+            f"imagefolder: {where}: test domain {sorted(test_domains - train_domains)[0]!r} has "
+            "no training images"
+        )
     classes = tuple(sorted(counts["train"]))
     extra = sorted(set(counts["test"]) - set(classes))
     if extra:
@@ -230,30 +254,38 @@ def _check_classes(source: Source, class_dirs: dict[str, set[str]]) -> tuple[str
 
 def load_imagefolder(
     root: Path, image_size: int | None = None, progress: Callable[[str], None] | None = None
-) -> tuple[dict[str, torch.Tensor], tuple[str, ...], Path]:
-    """``{"x_train", "y_train", "x_test", "y_test"}``, the class names and the cache file."""
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...], tuple[str, ...], Path]:
+    """``{"x_train", "y_train", "x_test", "y_test"}`` (and, for a domain tree, each image's
+    domain index as ``domain_train``, ``domain_test``), the class names, the domain names (none
+    for a class tree) and the cache file."""
     source, class_dirs = open_source(root)
     classes = _check_classes(source, class_dirs)
+    domains = tuple(sorted({f.domain for f in source.files if f.domain}))
     cache = _cache_path(source, image_size)
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as npz:
-                arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files if k != "classes"}
+                names = [k for k in npz.files if k not in ("classes", "domains")]
+                arrays = {k: torch.from_numpy(npz[k].copy()) for k in names}
                 cached_classes = tuple(str(c) for c in npz["classes"])
-            if cached_classes == classes:
-                return arrays, classes, cache
+                cached_domains = tuple(str(d) for d in npz["domains"])
+            if cached_classes == classes and cached_domains == domains:
+                return arrays, classes, domains, cache
         except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is rebuilt
+            pass  # a damaged (or older) cache file is rebuilt
     if progress is not None:
         progress(f"decoding {len(source.files)} images from {root} (cached for later runs)")
     decoded = decode_all(source, image_size)
     label = {c: i for i, c in enumerate(classes)}
+    domain = {d: i for i, d in enumerate(domains)}
     arrays = {}
     for split in SPLITS:
         picked = [(f, a) for f, a in zip(source.files, decoded, strict=True) if f.split == split]
         files = [f for f, _ in picked]
         arrays[f"x_{split}"] = _stack([a for _, a in picked], files)
         arrays[f"y_{split}"] = np.array([label[f.label] for f in files], dtype=np.int64)
+        if domains:
+            arrays[f"domain_{split}"] = np.array([domain[f.domain] for f in files], np.int64)
     shapes = {arrays["x_train"].shape[1:], arrays["x_test"].shape[1:]}
     if len(shapes) > 1:
         raise DataError(
@@ -262,6 +294,6 @@ def load_imagefolder(
         )
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, classes=np.array(classes), **arrays)
+    np.savez(tmp, classes=np.array(classes), domains=np.array(domains, dtype=str), **arrays)
     os.replace(tmp, cache)
-    return {k: torch.from_numpy(v) for k, v in arrays.items()}, classes, cache
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}, classes, domains, cache

@@ -8,11 +8,13 @@ normalized float tensors (no per-sample transform in the training loop).
 
 Kinds: ``iid``; ``dirichlet`` label skew Dir(alpha); ``pathological`` #C=k classes per client;
 ``shards`` (sorted-label shards, McMahan et al. 2017); ``quantity`` skew (client sizes from
-Dir(alpha), IID labels); ``feature`` skew (IID labels, a per-client noise/contrast/rotation).
+Dir(alpha), IID labels); ``feature`` skew (IID labels, a per-client noise/contrast/rotation);
+``domains`` (each client's images from one domain, ``app.data.domains``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from app.config import DataConfig, FeatureSkewConfig, PartitionConfig
 from app.data.datasets import ImageDataset
+from app.data.domains import TRAIN, VAL, Domains
 from app.errors import DataError
 
 
@@ -36,7 +39,7 @@ def _partitioner(p: PartitionConfig, num_samples: int):
         return fp.DirichletPartitioner(
             num_partitions=n,
             partition_by="label",
-            alpha=p.alpha,
+            alpha=p.concentration,
             min_partition_size=p.min_partition_size,
             self_balancing=False,
             seed=p.seed,
@@ -71,16 +74,22 @@ def quantity_sizes(num_samples: int, p: PartitionConfig) -> list[int]:
             f"{p.min_partition_size} > {num_samples} training samples"
         )
     rng = np.random.default_rng(p.seed)
-    shares = rng.dirichlet(np.full(p.num_clients, p.alpha))
+    shares = rng.dirichlet(np.full(p.num_clients, p.concentration))
     extra = np.floor(shares * spare).astype(int)
     extra[np.argmax(shares)] += spare - extra.sum()  # floor's remainder to the largest client
     return [int(p.min_partition_size + e) for e in extra]
 
 
-def partition_indices(labels: np.ndarray, p: PartitionConfig) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray, p: PartitionConfig, domains: Domains | None = None
+) -> list[np.ndarray]:
     """Indices into ``labels`` for each client; every index is in exactly one client or, for
-    ``pathological``/``shards``, in none when the partitioner drops a remainder."""
+    ``pathological``/``shards``, in none when the partitioner drops a remainder. ``domains``
+    (with ``kind: domains``): the run's domains (``app.data.domains``)."""
     import datasets
+
+    if p.kind == "domains":
+        return _domain_partition(np.asarray(labels), p, domains)
 
     labels = np.asarray(labels)
     if len(labels) < p.num_clients:
@@ -103,6 +112,30 @@ def partition_indices(labels: np.ndarray, p: PartitionConfig) -> list[np.ndarray
             ]
     except ValueError as err:  # flwr-datasets explains why (e.g. Dirichlet min size unmet)
         raise DataError(f"data.partition ({p.kind}): {err}") from err
+
+
+def _domain_partition(labels: np.ndarray, p: PartitionConfig, domains: Domains | None):
+    """Client i holds images of domain i mod K: IID among the domain's clients, or with
+    Dirichlet(alpha) label skew when ``alpha`` is given. Style domains share the whole training
+    split (each client sees its share in its domain's style); folder domains split each
+    domain's own images among that domain's clients."""
+    if domains is None:
+        raise DataError("data.partition: kind domains needs the run's domains")
+
+    def split(sub_labels: np.ndarray, clients: int) -> list[np.ndarray]:
+        kind = "iid" if p.alpha is None else "dirichlet"
+        sub = dataclasses.replace(p, kind=kind, num_clients=clients, domains=())
+        return partition_indices(sub_labels, sub)
+
+    if domains.of_train is None:
+        return split(labels, p.num_clients)
+    parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * p.num_clients
+    for d in range(domains.count):
+        clients = [i for i in range(p.num_clients) if domains.of_client(i) == d]
+        mine = np.flatnonzero(domains.of_train == d)
+        for client, idx in zip(clients, split(labels[mine], len(clients)), strict=True):
+            parts[client] = np.sort(mine[idx])
+    return parts
 
 
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
@@ -189,14 +222,23 @@ def split_train_val(indices: np.ndarray, val_fraction: float, seed: int):
 
 
 def make_shard(
-    dataset: ImageDataset, indices: np.ndarray, client: int, cfg: DataConfig
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    client: int,
+    cfg: DataConfig,
+    domains: Domains | None = None,
 ) -> ClientShard:
-    """Materialize one client's shard (train/val split by the partition seed)."""
+    """Materialize one client's shard (train/val split by the partition seed), in its
+    domain's image style when the run has ``domains``."""
     p = cfg.partition
     seed = shard_seed(p, client)
     train_idx, val_idx = split_train_val(indices, cfg.val_fraction, seed)
-    x_train = dataset.normalize(dataset.x_train[train_idx])
-    x_val = dataset.normalize(dataset.x_train[val_idx])
+    styles: tuple = (None, None)
+    if domains is not None:
+        d = domains.of_client(client)
+        styles = (domains.style(d, TRAIN, client), domains.style(d, VAL, client))
+    x_train = dataset.normalize(dataset.x_train[train_idx], styles[0])
+    x_val = dataset.normalize(dataset.x_train[val_idx], styles[1])
     shift = None
     if p.kind == "feature":
         shift = FeatureShift.for_client(client, p.num_clients, p.feature)

@@ -17,6 +17,7 @@ import yaml
 
 from app.config import Config, DataConfig, build
 from app.data.datasets import ImageDataset, load_dataset
+from app.data.domains import TEST, Domains, domains_of
 from app.data.partitions import ClientShard, make_shard, partition_indices
 from app.learn.classifier import FedwsClassifier
 
@@ -38,14 +39,29 @@ def dataset(data: DataConfig) -> ImageDataset:
 
 
 @functools.lru_cache(maxsize=2)
+def domains(data: DataConfig) -> Domains | None:
+    """The run's domains (``data.partition.kind: domains``), or None."""
+    return domains_of(data, dataset(data))
+
+
+@functools.lru_cache(maxsize=2)
 def partitions(data: DataConfig) -> tuple[np.ndarray, ...]:
-    return tuple(partition_indices(dataset(data).y_train.numpy(), data.partition))
+    labels = dataset(data).y_train.numpy()
+    return tuple(partition_indices(labels, data.partition, domains(data)))
 
 
 @functools.cache
 def shard(data: DataConfig, client: int) -> ClientShard:
     """Client ``client``'s shard, built on first use in this process and kept."""
-    return make_shard(dataset(data), partitions(data)[client], client, data)
+    return make_shard(dataset(data), partitions(data)[client], client, data, domains(data))
+
+
+@functools.lru_cache(maxsize=4)
+def domain_test(data: DataConfig, domain: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Domain ``domain``'s test images (normalized, in its style) and labels."""
+    ds, doms = dataset(data), domains(data)
+    idx = torch.from_numpy(doms.test_indices(domain, len(ds.y_test)))
+    return ds.normalize(ds.x_test[idx], doms.style(domain, TEST)), ds.y_test[idx]
 
 
 def shard_on(data: DataConfig, client: int, device: torch.device) -> ClientShard:

@@ -13,6 +13,7 @@ import numpy as np
 
 from app.config import DataConfig, PartitionConfig
 from app.data.datasets import ImageDataset, load_dataset
+from app.data.domains import domains_of
 from app.data.partitions import (
     FeatureShift,
     label_counts,
@@ -46,7 +47,7 @@ class PartitionView:
         p = self.data.partition
         tag = " [SYNTHETIC DATA]" if self.dataset.synthetic else ""
         return f"{self.dataset.name}{tag}: {p.kind}" + (
-            f" alpha={p.alpha}" if p.kind == "dirichlet" else ""
+            f" alpha={p.concentration}" if p.kind == "dirichlet" else ""
         )
 
     def table(self) -> tuple[list[str], list[list[str]]]:
@@ -56,6 +57,9 @@ class PartitionView:
         header = ["client", "samples", "train", "val", "classes", "entropy_bits"]
         if p.kind == "feature":
             header += ["noise", "contrast", "rotation"]
+        doms = domains_of(data, self.dataset)
+        if doms is not None:
+            header.append("domain")
         rows = []
         entropy = self.entropy
         for client, idx in enumerate(self.parts):
@@ -71,6 +75,8 @@ class PartitionView:
             if p.kind == "feature":
                 s = FeatureShift.for_client(client, p.num_clients, p.feature)
                 row += [f"{s.noise_std:.3f}", f"{s.contrast:.3f}", f"{s.rotation:.1f}"]
+            if doms is not None:
+                row.append(doms.names[doms.of_client(client)])
             rows.append(row)
         return header, rows
 
@@ -107,7 +113,7 @@ def partition_views(configs: list[DataConfig]) -> list[PartitionView]:
             loaded[key] = load_dataset(data)
         ds = loaded[key]
         labels = ds.y_train.numpy()
-        parts = partition_indices(labels, data.partition)
+        parts = partition_indices(labels, data.partition, domains_of(data, ds))
         views.append(PartitionView(data, ds, parts, label_counts(labels, parts, ds.num_classes)))
     return views
 

@@ -23,9 +23,9 @@ from server.server_app import make_server_app, resume_point
 def describe(cfg: Config) -> str:
     p = cfg.data.partition
     kind = {
-        "dirichlet": f"dirichlet(alpha={p.alpha})",
+        "dirichlet": f"dirichlet(alpha={p.concentration})",
         "pathological": f"pathological({p.classes_per_client} classes)",
-        "quantity": f"quantity(alpha={p.alpha})",
+        "quantity": f"quantity(alpha={p.concentration})",
     }.get(p.kind, p.kind)
     return (
         f"{cfg.data.dataset}, {cfg.model.arch} + {cfg.model.norm}, {cfg.federation.strategy}, "

@@ -44,7 +44,7 @@ def write_diagnostics(run: Path) -> Path:
     summary = rundir.read_summary(folder) or {}
     figures = folder.figures
     p = cfg.data.partition
-    partition = p.kind + (f"({p.alpha})" if p.kind == "dirichlet" else "")
+    partition = p.kind + (f"({p.concentration})" if p.kind == "dirichlet" else "")
     md = [
         f"# fedws diagnostics: {run.name}",
         "",

@@ -10,7 +10,10 @@ A study file::
       seed: [0, 1, 2]
     extra:                            # more cells: each entry over the grid axes it leaves free
       - {model.norm: bn, federation.strategy: fedbn}
+      - {label: fedwon, model.norm: nf, optim.agc_clip: 0.16}   # a named recipe: its row
     target_accuracy: 0.8              # optional: results.csv reports the first round reaching it
+    baseline: nf                      # optional: the row paired differences are taken against
+                                      # (default: BatchNorm under FedAvg)
 
 Every cell is one ``fedws run`` (a subprocess: its own Ray, its own memory) into
 ``OUT/runs/<cell-id>/``. A cell whose ``summary.json`` says ``completed`` (or ``diverged``: a
@@ -39,7 +42,8 @@ from app.config import Config, apply_overrides, build, dump_config, read_yaml
 from app.errors import ConfigError
 from app.rundir import RunDir, StudyDir
 
-STUDY_KEYS = ("base", "overrides", "grid", "extra", "target_accuracy")
+STUDY_KEYS = ("base", "overrides", "grid", "extra", "target_accuracy", "baseline")
+LABEL = "label"  # in an extra entry: the name of its row (not a config key)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Cell:
     id: str
     axes: dict[str, Any]
     config: Config
+    label: str | None = None  # an extra entry's name for its row (e.g. "fedwon")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Study:
     cells: tuple[Cell, ...]
     axes: tuple[str, ...]
     target_accuracy: float | None
+    baseline: str | None = None  # a row label; None: BatchNorm under FedAvg
 
 
 def _fmt(value: Any) -> str:
@@ -126,16 +132,25 @@ def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Stud
 
     keys = list(grid)
     combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
-    assignments = list(combos)
+    # (the cell's config keys, its label, what names it: its axes, or its label + free axes)
+    assignments: list[tuple[dict[str, Any], str | None, dict[str, Any]]] = [
+        (c, None, c) for c in combos
+    ]
     for entry in extra:
+        entry = dict(entry)
+        label = entry.pop(LABEL, None)
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise ConfigError(f"{path}: extra.{LABEL}", f"must be a non-empty name, got {label!r}")
         free = [k for k in keys if k not in entry]
         for combo in {cell_id({k: c[k] for k in free}): c for c in combos}.values():
-            assignments.append({**entry, **{k: combo[k] for k in free}})
+            axes = {**entry, **{k: combo[k] for k in free}}
+            named = {LABEL: label, **{k: combo[k] for k in free}} if label else axes
+            assignments.append((axes, label, named))
 
     base_overridden = apply_overrides(base, _overrides(overrides))
     cells, seen = [], set()
-    for axes in assignments:
-        cid = cell_id(axes)
+    for axes, label, named in assignments:
+        cid = cell_id(named)
         if cid in seen:
             continue
         seen.add(cid)
@@ -144,9 +159,14 @@ def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Stud
             cfg = build(raw_cfg)
         except ConfigError as err:
             raise ConfigError(f"cell {cid}: {err.field}", err.message) from None
-        cells.append(Cell(cid, axes, cfg))
-    axes = tuple(dict.fromkeys(k for c in cells for k in c.axes))
-    return Study(path, tuple(cells), axes, float(target) if target is not None else None)
+        cells.append(Cell(cid, axes, cfg, label))
+    # the axes rows and columns are told apart by (a labelled cell's own keys are its label's)
+    axes = tuple(dict.fromkeys([*keys, *(k for c in cells if not c.label for k in c.axes)]))
+    baseline = raw.get("baseline")
+    if baseline is not None and not isinstance(baseline, str):
+        raise ConfigError(f"{path}: baseline", f"must be a row label, got {baseline!r}")
+    target = float(target) if target is not None else None
+    return Study(path, tuple(cells), axes, target, baseline)
 
 
 def launch_subprocess(config: Path, out: Path, ray_cpus: int | None) -> str | None:
@@ -208,7 +228,11 @@ def run_study(
             "source": str(study.path),
             "axes": list(study.axes),
             "target_accuracy": study.target_accuracy,
-            "cells": [{"id": c.id, "axes": c.axes} for c in study.cells],
+            "baseline": study.baseline,
+            "cells": [
+                {"id": c.id, "axes": c.axes, **({LABEL: c.label} if c.label else {})}
+                for c in study.cells
+            ],
         },
     )
     statuses = {c.id: rundir.run_status(folder.run(c.id)) for c in study.cells}

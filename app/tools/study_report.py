@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from app.rundir import RESULT_COLUMNS, StudyDir
 from app.tools import plots
 from app.tools.partitions import partition_views
 from app.tools.run_report import write_diagnostics
+from app.tools.stats import mean_ci, paired
 from app.tools.study import axis_label
 
 PARTITION_KEY, SEED_KEY = "data.partition", "seed"
@@ -76,7 +76,11 @@ def _resolved(cfg: Config | None, key: str) -> Any:
 
 
 def _load_cell(
-    study: StudyDir, cid: str, axes: dict[str, Any], study_axes: list[str]
+    study: StudyDir,
+    cid: str,
+    axes: dict[str, Any],
+    study_axes: list[str],
+    name: str | None = None,
 ) -> CellResult:
     run = study.run(cid)
     cfg = rundir.run_config(run)
@@ -98,7 +102,8 @@ def _load_cell(
         return axis_label(value)
 
     row_keys = [k for k in study_axes if k not in (PARTITION_KEY, SEED_KEY)]
-    row = ", ".join(filter(None, (label(k) for k in row_keys))) or (cfg.model.norm if cfg else cid)
+    row = name or ", ".join(filter(None, (label(k) for k in row_keys)))
+    row = row or (cfg.model.norm if cfg else cid)
     column = label(PARTITION_KEY) if PARTITION_KEY in study_axes else "all"
     return CellResult(cid, axes, cfg, summary, curve, client_acc, row, column)
 
@@ -106,7 +111,9 @@ def _load_cell(
 def load_results(out: Path) -> tuple[dict[str, Any], list[CellResult]]:
     study = StudyDir(out)
     meta = rundir.read_study(study)
-    cells = [_load_cell(study, c["id"], c["axes"], meta["axes"]) for c in meta["cells"]]
+    cells = [
+        _load_cell(study, c["id"], c["axes"], meta["axes"], c.get("label")) for c in meta["cells"]
+    ]
     return meta, cells
 
 
@@ -137,7 +144,9 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
                     "norm": cfg.model.norm if cfg else "",
                     "strategy": cfg.federation.strategy if cfg else "",
                     "partition": part.kind if part else "",
-                    "alpha": part.alpha if part and part.kind in ("dirichlet", "quantity") else "",
+                    "alpha": part.concentration
+                    if part and part.kind in ("dirichlet", "quantity")
+                    else "",
                     "seed": cfg.seed if cfg else "",
                     "final_test_accuracy": c.final if c.completed else "",
                     "final_test_loss": _blank((s.get("final") or {}).get("test_loss")),
@@ -153,6 +162,15 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
                 }
             )
     return path
+
+
+def _alpha(part) -> Any:
+    """The Dirichlet concentration the partition used, if any."""
+    if part is None:
+        return ""
+    if part.kind in ("dirichlet", "quantity"):
+        return part.concentration
+    return _blank(part.alpha) if part.kind == "domains" else ""
 
 
 def _blank(value: Any) -> Any:
@@ -172,38 +190,124 @@ def _client_mean(cell: CellResult) -> float:
     return float(np.mean(cell.client_acc)) if cell.client_acc else math.nan
 
 
+def _groups(cells: list[CellResult], value) -> dict[tuple[str, str], dict[int, float]]:
+    """(row, column) -> {seed: value} over the completed cells where ``value`` was measured."""
+    groups: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for c in cells:
+        if c.completed and c.config is not None and not math.isnan(value(c)):
+            groups[(c.row, c.column)][c.config.seed] = value(c)
+    return groups
+
+
 def accuracy_table(cells: list[CellResult], value=_final, bold: bool = True) -> str:
-    """Markdown: rows x columns of mean +- std (over seeds) of ``value`` (default: the final
-    global test accuracy), the best of each column in bold (with ``bold``). A diverged run
-    has no accuracy: its cell says how many of its seeds diverged, and at which rounds."""
-    done = [c for c in cells if c.completed and not math.isnan(value(c))]
+    """Markdown: rows x columns of the mean over seeds of ``value`` (default: the final global
+    test accuracy) with its 95% confidence interval (Student t; "n=1, no CI" for one seed),
+    the best mean of each column in bold (with ``bold``). A diverged run has no accuracy: its
+    cell says how many of its seeds diverged, and at which rounds, and is never bolded."""
     rows, cols = _ordered(c.row for c in cells), _ordered(c.column for c in cells)
-    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for c in done:
-        acc[(c.row, c.column)].append(value(c))
     diverged: dict[tuple[str, str], list[str]] = defaultdict(list)
     for c in cells:
         if c.diverged:
             diverged[(c.row, c.column)].append(f"r{c.summary.get('diverged_round')}")
+    return _table(rows, cols, _groups(cells, value), diverged, bold)
+
+
+def _table(
+    rows: list[str],
+    cols: list[str],
+    groups: dict[tuple[str, str], dict[int, float]],
+    diverged: dict[tuple[str, str], list[str]],
+    bold: bool = True,
+) -> str:
+    seeds = max((len(g) for g in groups.values()), default=0)
+    intervals = {k: mean_ci(list(g.values())) for k, g in groups.items() if g}
     # a group with diverged seeds averages only the others: it is shown, never bolded as best
-    means = {k: float(np.mean(v)) for k, v in acc.items() if k not in diverged}
+    means = {k: i.mean for k, i in intervals.items() if k not in diverged}
     best = {col: max((m for (r, c), m in means.items() if c == col), default=None) for col in cols}
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         cells_md = []
         for col in cols:
-            values = acc.get((row, col))
+            interval = intervals.get((row, col))
             lost = diverged.get((row, col), [])
             note = f"diverged ({', '.join(lost)})" if lost else ""
-            if not values:
+            if interval is None:
                 cells_md.append(note or "–")
                 continue
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            text = f"{np.mean(values):.4f} ± {std:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-            top = bold and (row, col) in means and means[(row, col)] == best[col]
-            text = f"**{text}**" if top else text
+            text = interval.text()
+            if 1 < interval.n < seeds:
+                text += f" (n={interval.n})"
+            if bold and (row, col) in means and means[(row, col)] == best[col]:
+                text = f"**{text}**"
             cells_md.append(f"{text}; {len(lost)} {note}" if lost else text)
         lines.append(f"| {row} | " + " | ".join(cells_md) + " |")
+    return "\n".join(lines)
+
+
+MEAN_OVER_DOMAINS = "mean"
+
+
+def _domain_groups(cells: list[CellResult]) -> tuple[list[str], dict]:
+    """The domain names (and "mean") and (row, domain) -> {seed: final accuracy}."""
+    names: list[str] = []
+    groups: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for c in cells:
+        final = (c.summary.get("domains") or {}).get("test_accuracy") or {}
+        if not (c.completed and c.config and final):
+            continue
+        names += [d for d in final if d not in names]
+        for domain, acc in final.items():
+            if acc is not None:
+                groups[(c.row, domain)][c.config.seed] = acc
+        measured = [a for a in final.values() if a is not None]
+        if measured:
+            groups[(c.row, MEAN_OVER_DOMAINS)][c.config.seed] = sum(measured) / len(measured)
+    return ([*names, MEAN_OVER_DOMAINS] if names else []), groups
+
+
+def domain_table(cells: list[CellResult]) -> str | None:
+    """Markdown: rows x (each domain, their mean) of the final test accuracy of each domain's
+    test images scored by the model a client of that domain uses, mean ± 95% CI over seeds;
+    None when no run had domains."""
+    cols, groups = _domain_groups(cells)
+    if not cols:
+        return None
+    return _table(_ordered(c.row for c in cells), cols, groups, {})
+
+
+def baseline_row(cells: list[CellResult], named: str | None = None) -> str | None:
+    """The row of the paired comparisons' baseline: the study's ``baseline`` row if it names
+    one, else BatchNorm under FedAvg (the first such row, when an on/off switch splits it)."""
+    if named is not None:
+        return named if any(c.row == named for c in cells) else None
+    for c in cells:
+        cfg = c.config
+        if cfg and cfg.model.norm == "bn" and cfg.federation.strategy == "fedavg":
+            return c.row
+    return None
+
+
+def paired_table(
+    cells: list[CellResult], value=_final, domains: bool = False, baseline: str | None = None
+) -> str | None:
+    """Markdown: for each column (partition; with ``domains``, each domain and their mean) and
+    each row, the mean over seeds of ``value`` minus the baseline's on the same seed and
+    partition, its 95% CI and how many seeds it won; None without a baseline row."""
+    base = baseline_row(cells, baseline)
+    if base is None:
+        return None
+    rows = [r for r in _ordered(c.row for c in cells) if r != base]
+    if domains:
+        cols, groups = _domain_groups(cells)
+    else:
+        cols, groups = _ordered(c.column for c in cells), _groups(cells, value)
+    lines = ["| minus " + base + " | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in rows:
+        entries = []
+        for col in cols:
+            result = paired(groups.get((row, col), {}), groups.get((base, col), {}))
+            entries.append(result.text() if result else "–")
+        lines.append(f"| {row} | " + " | ".join(entries) + " |")
     return "\n".join(lines)
 
 
@@ -323,6 +427,29 @@ def _partition_counts(cells: list[CellResult]) -> dict[str, tuple[np.ndarray, tu
     return {col: (v.counts, v.dataset.classes) for col, v in zip(first, views, strict=True)}
 
 
+CI_NOTE = (
+    "Mean over seeds ± the half-width of its 95% confidence interval (Student t; "
+    '"n=1, no CI" for a single seed).'
+)
+
+
+def _paired_section(
+    cells: list[CellResult], value, what: str, domains: bool = False, baseline: str | None = None
+) -> list[str]:
+    table = paired_table(cells, value, domains, baseline)
+    if table is None:
+        return []
+    base = baseline_row(cells, baseline)
+    return [
+        f"Paired differences of the {what} against `{base}` on the same seed and partition: "
+        "mean difference ± 95% CI half-width (Student t over the seeds), and on how many seeds "
+        "the row beat the baseline.",
+        "",
+        table,
+        "",
+    ]
+
+
 def write_report(out: Path) -> Path:
     """Write ``results.csv``, ``report.md`` and the PNGs under ``out/figures``."""
     study = StudyDir(out)
@@ -348,20 +475,40 @@ def write_report(out: Path) -> Path:
         "",
         "## Final global test accuracy",
         "",
-        settings_line(cells, meta["axes"]) + " Mean ± std over seeds; best per column in bold.",
+        settings_line(cells, meta["axes"]) + " " + CI_NOTE + " Best mean per column in bold.",
         "",
         accuracy_table(cells),
         "",
+    ]
+    base = meta.get("baseline")
+    md += _paired_section(cells, _final, "final global test accuracy", baseline=base)
+    md += [
         "## Mean client accuracy",
         "",
         "The final global model on each client's own validation split (under FedBN with the "
-        "client's local BatchNorm layers): the personalised view, mean over clients, then mean "
-        "± std over seeds. FedBN keeps BN layers on the clients, so its global test accuracy "
-        "above measures a model with untrained BN layers; this table is its fair comparison.",
+        "client's local BatchNorm layers): the personalised view, mean over clients, then over "
+        "seeds (" + CI_NOTE + ") FedBN keeps BN layers on the clients, so its global test "
+        "accuracy above measures a model with untrained BN layers; this table is its fair "
+        "comparison.",
         "",
         accuracy_table(cells, _client_mean),
         "",
     ]
+    md += _paired_section(cells, _client_mean, "mean client accuracy", baseline=base)
+    per_domain = domain_table(cells)
+    if per_domain is not None:
+        md += [
+            "## Per-domain test accuracy",
+            "",
+            "Each domain's test images (in the domain's style, or its own folder), scored by "
+            "the model a client of that domain uses: the global model, or under FedBN the "
+            "global weights with that client's own BN layers (mean over the domain's "
+            "clients); final round, then " + CI_NOTE[0].lower() + CI_NOTE[1:],
+            "",
+            per_domain,
+            "",
+        ]
+        md += _paired_section(cells, None, "per-domain accuracy", True, base)
     md += why_section(out, cells, figures)
     if done:
         curves = plots.accuracy_curves(
@@ -370,7 +517,7 @@ def write_report(out: Path) -> Path:
         )
         md += ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
         alpha_points = [
-            (c.row, c.config.data.partition.alpha, c.final)
+            (c.row, c.config.data.partition.concentration, c.final)
             for c in done
             if c.config and c.config.data.partition.kind == "dirichlet"
         ]

@@ -48,7 +48,8 @@ def test_overrides_parse_yaml_values_and_replace_whole_mappings():
     # the mapping replaced the quickstart's partition entirely: defaults elsewhere
     assert cfg.data.partition.kind == "pathological"
     assert cfg.data.partition.classes_per_client == 3
-    assert cfg.data.partition.num_clients == 10 and cfg.data.partition.alpha == 0.5
+    assert cfg.data.partition.num_clients == 10 and cfg.data.partition.alpha is None
+    assert cfg.data.partition.concentration == 0.5  # the default when dirichlet leaves it null
 
 
 def test_overrides_do_not_mutate_their_input():

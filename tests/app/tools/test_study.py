@@ -304,3 +304,25 @@ def test_the_mechanism_and_cifar_cpu_studies_have_the_cells_they_promise():
     assert all(
         c.config.data.dataset == "imagefolder" and c.config.data.augmented for c in cifar.cells
     )
+
+
+def test_a_labelled_extra_entry_names_its_row(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            {
+                "grid": {"model.norm": ["bn", "ws_gn"], "data.partition": [{"kind": "iid"}]},
+                "extra": [{"label": "fedwon", "model.norm": "nf", "optim.agc_clip": 0.16}],
+            },
+        )
+    )
+    fedwon = study.cells[-1]
+    assert fedwon.id == "label-fedwon_partition-iid" and fedwon.label == "fedwon"
+    assert fedwon.config.model.norm == "nf" and fedwon.config.optim.agc_clip == 0.16
+    assert "optim.agc_clip" not in study.axes  # the other rows stay "bn", "ws_gn"
+    out = tmp_path / "out"
+    run_study(study, out, launch=in_process(), echo=lambda m: None)
+    _, cells = load_results(out)
+    assert [c.row for c in cells] == ["bn", "ws_gn", "fedwon"]
+    with pytest.raises(ConfigError, match=r"extra\.label"):
+        load_study(write_study(tmp_path, {"extra": [{"label": ""}]}))
