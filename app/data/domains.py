@@ -135,9 +135,15 @@ class Domains:
     def style(self, domain: int, split: int, client: int = 0) -> Style:
         """Domain ``domain``'s style for one split of one client (the test split: client 0)."""
         fn = STYLES[self.styles[domain]]
-        if self.styles[domain] in SEEDED:
-            return partial(fn, seed=self.seed * 1_000_003 + domain * 10_007 + split * 101 + client)
-        return fn
+        if self.styles[domain] not in SEEDED:
+            return fn
+        if client < 101:  # (split, client) packed without collisions below 101 clients
+            seed = self.seed * 1_000_003 + domain * 10_007 + split * 101 + client
+        else:
+            seed = int(
+                np.random.SeedSequence([self.seed, domain, split, client]).generate_state(1)[0]
+            )
+        return partial(fn, seed=seed)
 
     def test_indices(self, domain: int, num_test: int) -> np.ndarray:
         """The test images of ``domain``: all of them for styles, its own for folders."""
@@ -159,6 +165,12 @@ def domains_of(data: DataConfig, ds: ImageDataset) -> Domains | None:
             )
         names, styles = ds.domains, ("identity",) * len(ds.domains)
         of_train, of_test = ds.domain_train.numpy(), ds.domain_test.numpy()
+        untested = [n for d, n in enumerate(names) if not (of_test == d).any()]
+        if untested:
+            raise DataError(
+                f"imagefolder: domain {untested[0]!r} has no test images (test/<domain>/<class>/"
+                "...), or data.test_samples left it none: each domain is scored on its own"
+            )
     else:
         if not p.domains:
             raise DataError(

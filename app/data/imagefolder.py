@@ -78,7 +78,16 @@ def _tree(names: list[str]) -> tuple[str, list[ImageFile]]:
             and p[k] in SPLITS
             and PurePosixPath(p[-1]).suffix.lower() in IMAGE_SUFFIXES
         ]
-        depth = k + 3 if any(len(p) == k + 3 for _, p in images) else k + 4
+        depths = {len(p) for _, p in images if len(p) in (k + 3, k + 4)}
+        if len(depths) > 1:
+            flat = next(n for n, p in images if len(p) == k + 3)
+            deep = next(n for n, p in images if len(p) == k + 4)
+            raise DataError(
+                f"imagefolder: images at two depths, e.g. {flat} (split/class/image) and {deep} "
+                "(split/domain/class/image): a tree holds class folders or domain folders of "
+                "class folders, not both"
+            )
+        depth = depths.pop() if depths else k + 3
         for name, p in images:
             if len(p) == depth == k + 3:
                 entries.append(ImageFile(p[k], p[k + 1], name))

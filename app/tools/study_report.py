@@ -144,9 +144,7 @@ def write_results_csv(out: Path, cells: list[CellResult], target: float | None) 
                     "norm": cfg.model.norm if cfg else "",
                     "strategy": cfg.federation.strategy if cfg else "",
                     "partition": part.kind if part else "",
-                    "alpha": part.concentration
-                    if part and part.kind in ("dirichlet", "quantity")
-                    else "",
+                    "alpha": _alpha(part),
                     "seed": cfg.seed if cfg else "",
                     "final_test_accuracy": c.final if c.completed else "",
                     "final_test_loss": _blank((s.get("final") or {}).get("test_loss")),
@@ -260,7 +258,7 @@ def _domain_groups(cells: list[CellResult]) -> tuple[list[str], dict]:
             if acc is not None:
                 groups[(c.row, domain)][c.config.seed] = acc
         measured = [a for a in final.values() if a is not None]
-        if measured:
+        if measured and len(measured) == len(final):  # a mean over every domain, or none
             groups[(c.row, MEAN_OVER_DOMAINS)][c.config.seed] = sum(measured) / len(measured)
     return ([*names, MEAN_OVER_DOMAINS] if names else []), groups
 
@@ -301,12 +299,19 @@ def paired_table(
         cols, groups = _domain_groups(cells)
     else:
         cols, groups = _ordered(c.column for c in cells), _groups(cells, value)
+    lost: dict[tuple[str, str], int] = defaultdict(int)
+    for c in cells:  # seeds that diverged have no value: left out of the pairs, and said so
+        if c.diverged:
+            for col in cols if domains else [c.column]:
+                lost[(c.row, col)] += 1
     lines = ["| minus " + base + " | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         entries = []
         for col in cols:
             result = paired(groups.get((row, col), {}), groups.get((base, col), {}))
-            entries.append(result.text() if result else "–")
+            text = result.text() if result else "–"
+            gone = lost[(row, col)] + lost[(base, col)]
+            entries.append(f"{text} ({gone} diverged seed(s) left out)" if gone else text)
         lines.append(f"| {row} | " + " | ".join(entries) + " |")
     return "\n".join(lines)
 
@@ -438,6 +443,13 @@ def _paired_section(
 ) -> list[str]:
     table = paired_table(cells, value, domains, baseline)
     if table is None:
+        if baseline is not None:
+            rows = ", ".join(f"`{r}`" for r in _ordered(c.row for c in cells))
+            return [
+                f"(No paired comparison: the study's baseline `{baseline}` names no row; "
+                f"the rows are {rows}.)",
+                "",
+            ]
         return []
     base = baseline_row(cells, baseline)
     return [
@@ -495,20 +507,24 @@ def write_report(out: Path) -> Path:
         "",
     ]
     md += _paired_section(cells, _client_mean, "mean client accuracy", baseline=base)
-    per_domain = domain_table(cells)
-    if per_domain is not None:
+    for col in cols:  # a per-domain table for each partition with domains
+        in_col = [c for c in cells if c.column == col]
+        per_domain = domain_table(in_col)
+        if per_domain is None:
+            continue
         md += [
-            "## Per-domain test accuracy",
+            "## Per-domain test accuracy" + (f" ({col})" if len(cols) > 1 else ""),
             "",
             "Each domain's test images (in the domain's style, or its own folder), scored by "
             "the model a client of that domain uses: the global model, or under FedBN the "
             "global weights with that client's own BN layers (mean over the domain's "
-            "clients); final round, then " + CI_NOTE[0].lower() + CI_NOTE[1:],
+            "clients); final round, then " + CI_NOTE[0].lower() + CI_NOTE[1:] + " The mean "
+            "is over every domain (a run missing one has none).",
             "",
             per_domain,
             "",
         ]
-        md += _paired_section(cells, None, "per-domain accuracy", True, base)
+        md += _paired_section(in_col, None, "per-domain accuracy", True, base)
     md += why_section(out, cells, figures)
     if done:
         curves = plots.accuracy_curves(

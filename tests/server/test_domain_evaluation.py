@@ -11,9 +11,11 @@ import pytest
 import torch
 from helpers import InProcessGrid, set_task_identity, small_config
 
-from app.learn.runtime import dataset, domains, new_module
-from app.learn.state import state_policy
+from app.learn.runtime import dataset, domain_test, domains, new_module
+from app.learn.state import load_partial, state_policy
+from app.learn.trainer import make_trainer, tensor_loader
 from clients.client_app import app as client_app
+from clients.local_state import LocalStateStore, default_root
 from server.evaluation import GlobalEvaluator
 from server.server_app import run_federation
 
@@ -74,3 +76,19 @@ def test_fedbn_scores_each_domain_with_that_domains_bn_layers(tmp_path):
     assert by_clients.keys() == by_server.keys() == {"identity", "invert"}
     for domain in by_clients:  # the clients' BN layers learned their domain: better
         assert by_clients[domain] > by_server[domain] + 0.03, (by_clients, by_server)
+
+    # and each domain's number is exactly its own clients' models on its test images: the
+    # global weights with each client's BN layers (from the node's state), averaged
+    run_key = last["fedws"]["resume"]["run_key"]
+    doms = domains(cfg.data)
+    for d, name in enumerate(doms.names):
+        scores = []
+        for client in (c for c in range(4) if doms.of_client(c) == d):
+            _, local = LocalStateStore(default_root(), run_key, client).load(10**6)
+            model = new_module(cfg, dataset(cfg.data))
+            model.load_state_dict(last["state_dict"])
+            load_partial(model.model, local, policy.local)
+            x, y = domain_test(cfg.data, d)
+            (metrics,) = make_trainer(cfg).test(model, tensor_loader(x, y, 512), verbose=False)
+            scores.append(metrics["test_acc"])
+        assert by_clients[name] == pytest.approx(sum(scores) / len(scores), abs=1e-6)

@@ -173,3 +173,45 @@ def test_an_imagefolder_tree_of_domain_folders(tmp_path, monkeypatch):
         raw["data"]["partition"]["domains"] = ["invert"]
         domains_of(build(raw).data, ds)
     assert math.isfinite(float(ds.normalize(ds.x_test).mean()))
+
+
+def test_alpha_skews_labels_inside_each_domain_not_across_them():
+    cfg = domain_config("data.partition.alpha=0.1", "data.synthetic.train_size=1800")
+    ds = load_dataset(cfg.data)
+    doms = domains_of(cfg.data, ds)
+    labels = ds.y_train.numpy()
+    parts = partition_indices(labels, cfg.data.partition, doms)
+    for d in range(doms.count):  # a domain's clients together: an IID share of the labels
+        union = np.concatenate([parts[c] for c in range(6) if doms.of_client(c) == d])
+        counts = np.bincount(labels[union], minlength=10)
+        assert counts.min() > 0.5 * counts.mean()
+        assert abs(len(union) - len(labels) / 3) <= 1
+
+
+def test_noise_differs_between_a_clients_train_and_val_and_many_clients_never_collide():
+    doms = domains_of(domain_config().data, load_dataset(domain_config().data))
+    x = torch.full((1, 1, 4, 4), 0.5)
+    assert not torch.equal(doms.style(2, dm.TRAIN, 2)(x), doms.style(2, dm.VAL, 2)(x))
+    seeds = {
+        doms.style(2, split, client).keywords["seed"]
+        for split in (dm.TRAIN, dm.VAL, dm.TEST)
+        for client in range(400)
+    }
+    assert len(seeds) == 3 * 400
+
+
+def test_domain_trees_say_what_is_wrong(tmp_path, monkeypatch):
+    tree = make_domain_tree(tmp_path, monkeypatch)
+    Image.new("L", (8, 8), 1).save(tree / "train" / "bright" / "stray.png")
+    with pytest.raises(DataError, match="images at two depths"):
+        load_dataset(build({"data": {"dataset": "imagefolder", "root": str(tree)}}).data)
+    (tree / "train" / "bright" / "stray.png").unlink()
+    for f in (tree / "test" / "dark").rglob("*.png"):
+        f.unlink()
+    for folder in sorted((tree / "test" / "dark").rglob("*"), reverse=True):
+        folder.rmdir()
+    (tree / "test" / "dark").rmdir()
+    raw = {"dataset": "imagefolder", "root": str(tree), "partition": {"kind": "domains"}}
+    cfg = build({"data": raw})
+    with pytest.raises(DataError, match="domain 'dark' has no test images"):
+        domains_of(cfg.data, load_dataset(cfg.data))

@@ -8,7 +8,14 @@ import pytest
 from helpers import small_config
 
 from app.tools.stats import mean_ci, paired, t_975
-from app.tools.study_report import CellResult, accuracy_table, domain_table, paired_table
+from app.tools.study_report import (
+    CellResult,
+    _final,
+    _paired_section,
+    accuracy_table,
+    domain_table,
+    paired_table,
+)
 
 
 @pytest.mark.parametrize(
@@ -101,3 +108,19 @@ def test_domain_table_and_its_paired_differences_by_hand():
     paired = paired_table(cells, domains=True).splitlines()
     # mean diffs per seed: 0.055, 0.025 -> 0.04 ± 12.706 * 0.021213 / sqrt(2) = 0.1906
     assert paired[2].endswith("| +0.0400 ± 0.1906, won 2/2 |")
+
+
+def test_a_diverged_seed_is_left_out_of_the_pairs_and_said_so():
+    lost = cell("ws_gn", "fedavg", "iid", 2, 0.0)
+    lost.summary = {"status": "diverged", "diverged_round": 4}
+    cells = [c for c in RESULTS if c.id != "ws_gn-iid-2"] + [lost]
+    table = paired_table(cells).splitlines()
+    # ws_gn - bn, iid on seeds 0 and 1: diffs 0.01, -0.01 -> 0.00 ± 12.706 * 0.014142 / sqrt(2)
+    assert table[2].startswith("| ws_gn | +0.0000 ± 0.1271, won 1/2 (1 diverged seed(s) left out)")
+
+
+def test_a_baseline_naming_no_row_is_said_not_silently_skipped():
+    assert paired_table(RESULTS, baseline="bn, fedavg") is None
+    note = _paired_section(RESULTS, _final, "x", baseline="bn, fedavg")
+    assert note[0].startswith("(No paired comparison: the study's baseline `bn, fedavg` names no")
+    assert "`ws_gn`" in note[0]
