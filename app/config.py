@@ -25,9 +25,19 @@ from app.errors import ConfigError
 # (a test checks they agree).
 ARCHS = ("cnn", "resnet20")
 NORMS = ("bn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hf", "synthetic")
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "imagefolder")  # natural images
-PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "quantity", "feature", "domains")
+PARTITIONS = (
+    "iid",
+    "dirichlet",
+    "pathological",
+    "shards",
+    "quantity",
+    "feature",
+    "domains",
+    "natural",
+)
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # Lightning's loggers fedws can write to
 # image styles of multi-domain clients (``app.data.domains`` keys its registry by these)
 DOMAIN_STYLES = ("identity", "invert", "noise", "blur", "contrast", "grayscale", "hue")
 DEFAULT_ALPHA = 0.5  # Dirichlet concentration when dirichlet/quantity leave alpha null
@@ -85,6 +95,7 @@ class PartitionConfig:
     # domains: the image style of each domain; client i belongs to domain i mod K. Empty for
     # an imagefolder tree of domain folders (train/<domain>/<class>/...): the folders are them
     domains: tuple[str, ...] = ()
+    by: str | None = None  # natural: the column whose values are the clients (e.g. writer)
 
     @property
     def concentration(self) -> float:
@@ -109,6 +120,11 @@ class PartitionConfig:
             not self.domains or self.kind == "domains",
             "domains",
             f"only for kind: domains, got kind {self.kind!r}",
+        )
+        _check(
+            (self.by is not None) == (self.kind == "natural"),
+            "by",
+            "kind natural needs by: <column> (e.g. writer), and only it takes one",
         )
         _check(
             self.classes_per_client >= 1,
@@ -143,6 +159,23 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class HfConfig:
+    """A Hugging Face dataset (``data.dataset: hf``), read with the ``datasets`` library: a Hub
+    id (needs the internet), or a local copy: a folder of data files (parquet, ...), one
+    ``.parquet`` file per split given as a folder, or a ``DatasetDict.save_to_disk`` folder."""
+
+    path: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        for name in ("image_column", "label_column", "train_split", "test_split"):
+            _check(bool(getattr(self, name)), name, "must not be empty")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion_mnist"
     root: str | None = None  # a folder holding the dataset; searched before the defaults
@@ -155,6 +188,7 @@ class DataConfig:
     augment: bool | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    hf: HfConfig = field(default_factory=HfConfig)
 
     @property
     def augmented(self) -> bool:
@@ -163,6 +197,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.dataset, DATASETS, "dataset")
+        _check(
+            self.dataset != "hf" or self.hf.path is not None,
+            "hf.path",
+            "data.dataset hf needs data.hf.path: a Hub id or a local dataset folder",
+        )
         _check(
             self.image_size is None or self.image_size >= 8,
             "image_size",
@@ -338,6 +377,30 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """Where each round's numbers go besides the run directory: Lightning's loggers."""
+
+    loggers: tuple[str, ...] = ("csv",)  # csv (always: metrics.csv), tensorboard, mlflow, wandb
+    # MLflow tracking store; null: a SQLite database mlflow.db beside the run directory
+    mlflow_uri: str | None = None
+    experiment: str | None = None  # MLflow experiment / W&B project; null: the study's name
+
+    def __post_init__(self) -> None:
+        for i, name in enumerate(self.loggers):
+            _one_of(name, LOGGERS, f"loggers[{i}]")
+        _check(
+            "csv" in self.loggers,
+            "loggers",
+            "must include csv: it writes the run directory's metrics.csv, which fedws reads",
+        )
+        _check(
+            len(set(self.loggers)) == len(self.loggers),
+            "loggers",
+            f"each at most once, got {list(self.loggers)}",
+        )
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Resources of each simulated client (Flower's Ray backend ``client_resources``)."""
 
@@ -387,6 +450,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
@@ -402,6 +466,21 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe data (tuples become lists)."""
         return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+    def flat(self) -> dict[str, Any]:
+        """``{"data.partition.kind": "iid", ...}``: every leaf by its dotted key (lists as
+        text), as ``--set`` names them."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+            else:
+                out[prefix] = str(node) if isinstance(node, list) else node
+
+        walk("", self.to_dict())
+        return out
 
 
 def _plain(value: Any) -> Any:

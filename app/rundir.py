@@ -10,6 +10,7 @@ A run directory (``fedws run``, ``flwr run .``, a study cell)::
     summary.json       status, final and best metrics, timings, versions
     checkpoints/       last.ckpt, best.ckpt, clients/ (each client's local state)
     tensorboard/       TensorBoard events (optional)
+    run.log            what the run printed, Flower's log, Ray workers' lines
     diagnostics.md     ``fedws diagnose``, with figures/
 
 A study folder (``fedws study``)::
@@ -51,6 +52,7 @@ CLIENT_STATE = "clients"  # under checkpoints/
 TENSORBOARD = "tensorboard"
 FIGURES = "figures"
 DIAGNOSTICS_REPORT = "diagnostics.md"
+RUN_LOG = "run.log"
 
 STUDY = "study.yaml"
 RUNS = "runs"
@@ -176,6 +178,10 @@ class RunDir:
     @property
     def diagnostics_report(self) -> Path:
         return self.path / DIAGNOSTICS_REPORT
+
+    @property
+    def run_log(self) -> Path:
+        return self.path / RUN_LOG
 
     @property
     def cell_config(self) -> Path:

@@ -21,13 +21,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger
-
 from app import rundir
 from app.config import Config, dump_config
-from app.errors import ConfigError
 from app.learn.diagnostics import summarise
 from app.rundir import CLIENT_COLUMNS, DIAGNOSTIC_COLUMNS, DOMAIN_COLUMNS, METRIC_COLUMNS, RunDir
+from server.tracking import flat_config, log_artifact, tracked_metrics
+from server.tracking import make_loggers as tracking_loggers
+from server.tracking import state as tracking_state
 
 
 def versions() -> dict[str, str]:
@@ -45,21 +45,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def _loggers(cfg: Config, out: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=out, name="", version="")]
-    if cfg.server.tensorboard:
-        try:
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            loggers.append(TensorBoardLogger(save_dir=out, name=rundir.TENSORBOARD, version=""))
-        except ModuleNotFoundError as err:
-            raise ConfigError(
-                "server.tensorboard",
-                f"needs the tensorboard package ({err}): pip install tensorboard",
-            ) from None
-    return loggers
-
-
 class RunLog:
     """Writes the run directory. ``resume_round=k`` keeps the rows of rounds <= k of an
     interrupted run (and drops any later, half-written ones)."""
@@ -72,6 +57,7 @@ class RunLog:
         resume_round: int | None = None,
         elapsed_s: float = 0.0,
         domains: bool = False,
+        tracking: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.run, self.synthetic = cfg, RunDir(out), synthetic
         out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +72,15 @@ class RunLog:
         self.domain_rows = []
         if domains and resume_round is not None:
             self.domain_rows = rundir.rows_until(self.run.domains, resume_round)
-        self.loggers = _loggers(cfg, out)
+        self.loggers = tracking_loggers(cfg, out, tracking if resume_round is not None else None)
         with warnings.catch_warnings():  # an old run's files in OUT are replaced on purpose
             warnings.filterwarnings("ignore", message="Experiment logs directory")
             for logger in self.loggers:
                 logger.experiment  # noqa: B018 - creates the writers, clears an old metrics.csv
+        self.trackers = self.loggers[1:]
+        if resume_round is None:
+            for logger in self.trackers:
+                logger.log_hyperparams(flat_config(cfg))
         self.run.config.write_text(dump_config(cfg))
         with open(self.clients_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
@@ -129,6 +119,9 @@ class RunLog:
         domain_rows: list[dict[str, Any]] = (),
     ) -> None:
         self.rows.append(row)
+        tracked = tracked_metrics(row, list(diagnosed), list(domain_rows))
+        for logger in self.trackers:
+            logger.log_metrics(tracked, step=int(row["round"]))
         if domain_rows:
             self.domain_rows += domain_rows
             with open(self.run.domains, "a", newline="") as f:
@@ -136,8 +129,9 @@ class RunLog:
         self.diagnostics += diagnosed
         with open(self.diagnostics_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS).writerows(diagnosed)
+        csv_logger = self.loggers[0]
+        csv_logger.log_metrics({k: row[k] for k in METRIC_COLUMNS}, step=int(row["round"]))
         for logger in self.loggers:
-            logger.log_metrics({k: row[k] for k in METRIC_COLUMNS}, step=int(row["round"]))
             logger.save()
         with open(self.clients_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, restval="")
@@ -192,10 +186,16 @@ class RunLog:
             "strategy": self.cfg.federation.strategy,
             "diagnostics": summarise(self.diagnostics),
             "domains": _final_domains(self.domain_rows) if self.domains else None,
+            "tracking": self.tracking_state() or None,
             "versions": versions(),
         }
         rundir.write_summary(self.run, summary)
+        log_artifact(self.loggers, self.run.summary)
         return summary
+
+    def tracking_state(self) -> dict[str, Any]:
+        """Where the trackers keep this run (for ``--resume`` and for ``summary.json``)."""
+        return tracking_state(self.loggers)
 
 
 def _pick(row: dict[str, float] | None) -> dict[str, float] | None:

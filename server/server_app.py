@@ -10,6 +10,7 @@ Two entry points share ``run_federation``:
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import time
@@ -150,6 +151,22 @@ def run_federation(
     the rest of the run is what it would have been.
     """
     quiet_lightning()
+    run = RunDir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flower_log = logging.FileHandler(run.run_log)  # Flower's log of this run, at INFO
+    flower_log.setLevel(logging.INFO)
+    flower_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s flwr: %(message)s"))
+    logging.getLogger("flwr").addHandler(flower_log)
+    try:
+        return _federate(grid, cfg, out, progress, resume)
+    finally:
+        logging.getLogger("flwr").removeHandler(flower_log)
+        flower_log.close()
+
+
+def _federate(
+    grid: Grid, cfg: Config, out: Path, progress: ProgressFn | None, resume: bool
+) -> dict[str, Any]:
     ds = dataset(cfg.data)
     module = new_module(cfg, ds)
     policy = state_policy(module.model, cfg.federation.strategy)
@@ -157,7 +174,7 @@ def run_federation(
     if cfg.server.diagnostics:
         strategy.groups = diagnostics.layer_groups(module.model)
         strategy.bn_layers = tuple(diagnostics.bn_layers(module.model))
-    done, elapsed, run_key = 0, 0.0, uuid.uuid4().hex
+    done, elapsed, run_key, tracking = 0, 0.0, uuid.uuid4().hex, None
     run = RunDir(out)
     if resume:
         checkpoint = resume_point(cfg, out)
@@ -166,6 +183,7 @@ def run_federation(
         strategy.restore(point["strategy"])
         strategy.round_offset, elapsed = done, point["elapsed_s"]
         run_key = point.get("run_key", run_key)
+        tracking = point.get("tracking")
     doms = runtime_domains(cfg.data)
     evaluator = GlobalEvaluator(cfg, ds, module, policy, doms)
     run_log = RunLog(
@@ -175,6 +193,7 @@ def run_federation(
         resume_round=done if resume else None,
         elapsed_s=elapsed,
         domains=doms is not None,
+        tracking=tracking,
     )
     strategy.trained = run_log.trained_clients()
     rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
@@ -217,7 +236,12 @@ def run_federation(
         if not finite or (due and test is untested):
             what = "non-finite global weights" if not finite else "non-finite test loss"
             raise RunDiverged(server_round, what)
-        point = {"strategy": strategy.state(), "elapsed_s": run_log.elapsed_s, "run_key": run_key}
+        point = {
+            "strategy": strategy.state(),
+            "elapsed_s": run_log.elapsed_s,
+            "run_key": run_key,
+            "tracking": run_log.tracking_state(),
+        }
         evaluator.save_checkpoint(run.last_checkpoint, server_round, resume=point)
         if run_log.best() is row:
             evaluator.save_checkpoint(run.best_checkpoint, server_round)

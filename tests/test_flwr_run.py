@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from helpers import REPO, bare_env, free_port, pids_with, stop_process_group
+from helpers import FEDWS, REPO, bare_env, free_port, pids_with, stop_process_group
 
 
 def superlinks_of(flwr_home: Path) -> list[int]:
@@ -59,15 +59,17 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
+    env = bare_env(FLWR_HOME=str(home), **ports)
     try:
         proc = subprocess.run(
-            ["bash", "-c", script],
-            cwd=REPO,
-            env=bare_env(FLWR_HOME=str(home), **ports),
-            capture_output=True,
-            text=True,
-            timeout=400,
+            ["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
         )
+        assert superlinks_of(home)  # flwr run leaves its local SuperLink running...
+        stop = subprocess.run(  # ... and the README's fedws deploy stop-local stops it
+            [*FEDWS, "deploy", "stop-local"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert stop.returncode == 0 and "stopped flwr run's local SuperLink" in stop.stdout
+        assert not superlinks_of(home)
     finally:
         for pid in superlinks_of(home):  # detached: each leads its own process group
             stop_process_group(os.getpgid(pid))

@@ -71,6 +71,11 @@ def test_simulation_writes_the_run_directory_and_learns(two_runs):
     assert "global test accuracy: final" in procs[0].stdout
     for name in ("config.yaml", "metrics.csv", "clients.csv", "summary.json"):
         assert (out / name).is_file(), name
+    # run.log: what the console showed and Flower's log; Ray workers' lines stay off the console
+    log = (out / "run.log").read_text()
+    assert "fedws run: synthetic" in log and "global test accuracy: final" in log
+    assert "INFO flwr: Starting RecordingFedAvg strategy" in log  # Flower's log, at INFO
+    assert "pid=" not in procs[0].stdout + procs[0].stderr
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
     metrics = rows(out / "metrics.csv")

@@ -1,6 +1,7 @@
 """Datasets from local disk (no network): Fashion-MNIST IDX files, CIFAR-10/100 pickle folders,
-image trees of class folders (``imagefolder``, see ``app.data.imagefolder``) and a deterministic
-synthetic dataset for tests and demos.
+image trees of class folders (``imagefolder``, see ``app.data.imagefolder``), Hugging Face
+datasets (``hf``, see ``app.data.hf``: local copies, or the Hub when online) and a
+deterministic synthetic dataset for tests and demos.
 
 Every loader returns an ``ImageDataset`` of uint8 tensors (N, C, H, W); ``normalize`` turns
 them into float tensors with the training split's per-channel mean and std. A dataset that is not
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from app.config import DataConfig, SyntheticConfig
+from app.data.hf import load_hf
 from app.data.imagefolder import load_imagefolder
 from app.errors import DataError, DatasetNotFoundError
 
@@ -58,6 +60,8 @@ class ImageDataset:
     domains: tuple[str, ...] = ()
     domain_train: torch.Tensor | None = None
     domain_test: torch.Tensor | None = None
+    # a natural partition's column (a writer, a speaker) for each training image
+    natural_ids: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +109,11 @@ class ImageDataset:
             idx = torch.randperm(len(y), generator=g)[:n].sort().values
             return x[idx], y[idx], None if d is None else d[idx]
 
+        if train is not None and train < len(self.y_train) and self.natural_ids is not None:
+            raise DataError(
+                "data.train_samples: a natural partition keeps every training image of each "
+                "writer; leave train_samples null"
+            )
         x_train, y_train, d_train = pick(self.x_train, self.y_train, self.domain_train, train)
         x_test, y_test, d_test = pick(self.x_test, self.y_test, self.domain_test, test)
         return replace(
@@ -345,6 +354,8 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         ds = load_cifar(cfg.dataset, cfg.root)
     elif cfg.dataset == "imagefolder":
         ds = load_image_folder(cfg.root, cfg.image_size)
+    elif cfg.dataset == "hf":
+        ds = ImageDataset("hf", **load_hf(cfg))
     else:
         ds = make_synthetic(cfg.synthetic, seed)
     return ds.subsample(cfg.train_samples, cfg.test_samples, seed)

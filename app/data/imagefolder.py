@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import threading
 import time
 import zipfile
@@ -24,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from app.errors import DataError
 
@@ -170,6 +172,7 @@ def _decode(data: bytes, name: str, size: int | None) -> np.ndarray:
 
 
 PROBE = 32  # images decoded on one thread to judge whether threads pay off
+PROGRESS_FROM = 1000  # images: a progress bar (on a terminal) for decoding at least this many
 THREADED_MS = 0.5  # per image: above it, decoding (GIL released) outweighs Python overhead
 
 
@@ -193,10 +196,27 @@ def decode_all(source: Source, image_size: int | None, workers: int | None = Non
         per_image_ms = 1000 * (time.perf_counter() - start) / max(1, len(done) - 1)
         workers = min(8, os.cpu_count() or 1) if per_image_ms > THREADED_MS else 1
     rest = files[len(done) :]
-    if workers <= 1:
-        return done + [one(f) for f in rest]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return done + list(pool.map(one, rest, chunksize=16))
+    bar = tqdm(
+        total=len(files),
+        initial=len(done),
+        desc="decoding images",
+        unit="img",
+        file=sys.stderr,
+        leave=False,
+        disable=None if len(files) >= PROGRESS_FROM else True,  # None: only on a terminal
+    )
+    try:
+        if workers <= 1:
+            return done + [_ticked(bar, one(f)) for f in rest]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return done + [_ticked(bar, a) for a in pool.map(one, rest, chunksize=16)]
+    finally:
+        bar.close()
+
+
+def _ticked(bar, array: np.ndarray) -> np.ndarray:
+    bar.update(1)
+    return array
 
 
 def _size(array: np.ndarray) -> str:

@@ -81,15 +81,21 @@ def quantity_sizes(num_samples: int, p: PartitionConfig) -> list[int]:
 
 
 def partition_indices(
-    labels: np.ndarray, p: PartitionConfig, domains: Domains | None = None
+    labels: np.ndarray,
+    p: PartitionConfig,
+    domains: Domains | None = None,
+    natural_ids: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Indices into ``labels`` for each client; every index is in exactly one client or, for
     ``pathological``/``shards``, in none when the partitioner drops a remainder. ``domains``
-    (with ``kind: domains``): the run's domains (``app.data.domains``)."""
+    (with ``kind: domains``): the run's domains (``app.data.domains``); ``natural_ids`` (with
+    ``kind: natural``): each sample's value of the ``by`` column."""
     import datasets
 
     if p.kind == "domains":
         return _domain_partition(np.asarray(labels), p, domains)
+    if p.kind == "natural":
+        return _natural_partition(p, natural_ids)
 
     labels = np.asarray(labels)
     if len(labels) < p.num_clients:
@@ -116,9 +122,9 @@ def partition_indices(
 
 def _domain_partition(labels: np.ndarray, p: PartitionConfig, domains: Domains | None):
     """Client i holds images of domain i mod K: IID among the domain's clients, or with
-    Dirichlet(alpha) label skew when ``alpha`` is given. Style domains share the whole training
-    split (each client sees its share in its domain's style); folder domains split each
-    domain's own images among that domain's clients."""
+    Dirichlet(alpha) label skew inside each domain when ``alpha`` is given. Folder domains split
+    each domain's own images among that domain's clients; style domains share the training
+    split (with ``alpha``: first an IID pool per domain, then split like a folder domain)."""
     if domains is None:
         raise DataError("data.partition: kind domains needs the run's domains")
 
@@ -127,15 +133,53 @@ def _domain_partition(labels: np.ndarray, p: PartitionConfig, domains: Domains |
         sub = dataclasses.replace(p, kind=kind, num_clients=clients, domains=())
         return partition_indices(sub_labels, sub)
 
-    if domains.of_train is None:
-        return split(labels, p.num_clients)
+    def split_iid(sub_labels: np.ndarray, pools: int) -> list[np.ndarray]:
+        sub = dataclasses.replace(p, kind="iid", num_clients=pools, alpha=None, domains=())
+        return partition_indices(sub_labels, sub)
+
+    of_train = domains.of_train
+    if of_train is None:
+        if p.alpha is None:  # IID labels: one IID split, each client's share in its style
+            return split(labels, p.num_clients)
+        # label skew *inside* each domain: an IID pool of images per domain first
+        of_train = np.empty(len(labels), dtype=np.int64)
+        for d, pool in enumerate(split_iid(labels, domains.count)):
+            of_train[pool] = d
     parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * p.num_clients
     for d in range(domains.count):
         clients = [i for i in range(p.num_clients) if domains.of_client(i) == d]
-        mine = np.flatnonzero(domains.of_train == d)
+        mine = np.flatnonzero(of_train == d)
         for client, idx in zip(clients, split(labels[mine], len(clients)), strict=True):
             parts[client] = np.sort(mine[idx])
     return parts
+
+
+def _natural_partition(p: PartitionConfig, natural_ids: np.ndarray | None) -> list[np.ndarray]:
+    """One client per distinct value of the ``by`` column (flwr-datasets'
+    NaturalIdPartitioner: client k holds the k-th value in sorted order)."""
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    if natural_ids is None:
+        raise DataError(
+            f"data.partition: kind natural splits by a column ({p.by!r}) of the dataset: use "
+            "data.dataset: hf with a dataset that has it"
+        )
+    distinct = len(set(natural_ids.tolist()))
+    if distinct != p.num_clients:
+        raise DataError(
+            f"data.partition.num_clients: the column {p.by!r} has {distinct} distinct values, "
+            f"one client each: set num_clients: {distinct}"
+        )
+    table = datasets.Dataset.from_dict({"idx": np.arange(len(natural_ids)), "id": natural_ids})
+    part = NaturalIdPartitioner(partition_by="id")
+    part.dataset = table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return [
+            np.sort(part.load_partition(i).with_format("arrow")[:]["idx"].to_numpy())
+            for i in range(distinct)
+        ]
 
 
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

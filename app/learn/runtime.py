@@ -46,8 +46,9 @@ def domains(data: DataConfig) -> Domains | None:
 
 @functools.lru_cache(maxsize=2)
 def partitions(data: DataConfig) -> tuple[np.ndarray, ...]:
-    labels = dataset(data).y_train.numpy()
-    return tuple(partition_indices(labels, data.partition, domains(data)))
+    ds = dataset(data)
+    parts = partition_indices(ds.y_train.numpy(), data.partition, domains(data), ds.natural_ids)
+    return tuple(parts)
 
 
 @functools.cache

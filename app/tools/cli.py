@@ -20,6 +20,7 @@ from app.errors import ConfigError, FedwsError
 from app.rundir import FINISHED, RunDir, StudyDir
 
 DEFAULT_OUT = Path("runs")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,15 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
         help="override a config value (YAML syntax), e.g. --set data.partition.alpha=0.1; "
         "repeatable",
     )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedws")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -93,13 +103,24 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from app.tools.run import describe, run, summary_text
+    from app.tools.console import teed
+    from app.tools.run import describe, preflight, run, summary_text
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
-    print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
-    summary = run(cfg, out, verbose=args.verbose, progress=not args.no_progress, resume=args.resume)
-    print(summary_text(cfg, out, summary))
+    level = args.log_level or ("info" if args.verbose else "warning")
+    preflight(cfg, out, args.resume)  # one-line errors before OUT is written to
+    with teed(RunDir(out).run_log, level, workers=args.verbose):
+        print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
+        summary = run(
+            cfg,
+            out,
+            verbose=args.verbose,
+            progress=not args.no_progress,
+            resume=args.resume,
+            log_level=level,
+        )
+        print(summary_text(cfg, out, summary))
     return 0
 
 
@@ -111,7 +132,13 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError("--parallel", f"must be >= 1, got {args.parallel}")
     study = load_study(args.study, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
-    statuses = run_study(study, out, parallel=args.parallel, echo=lambda m: print(m, flush=True))
+    statuses = run_study(
+        study,
+        out,
+        parallel=args.parallel,
+        echo=lambda m: print(m, flush=True),
+        progress=not args.no_progress,
+    )
     report = write_report(out)
     failed = sorted(cid for cid, status in statuses.items() if status not in FINISHED)
     print(f"wrote {StudyDir(out).results} and {report}")
@@ -143,6 +170,18 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             str(run), "not a run directory (no config.yaml): give the -o of fedws run"
         )
     print(f"wrote {write_diagnostics(run)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from app.tools import compare
+
+    runs = compare.load([Path(d) for d in args.dirs])
+    out = Path(args.out) if args.out else DEFAULT_OUT / "compare"
+    header, rows = compare.table(runs)
+    print(_format_table(header, rows))
+    md, table, png = compare.write(runs, out)
+    print(f"wrote {md}, {table} and {png}")
     return 0
 
 
@@ -186,11 +225,23 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
     return supervise([start_flower(command)])
 
 
+def cmd_deploy_stop_local(args: argparse.Namespace) -> int:
+    from app.tools.deploy import local_superlinks, stop_pids
+
+    pids = local_superlinks()
+    if not pids:
+        print("fedws: no local SuperLink of flwr run is running")
+        return 0
+    stop_pids(pids)
+    print(f"fedws: stopped flwr run's local SuperLink (pid {', '.join(map(str, pids))})")
+    return 0
+
+
 def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
     from app.tools.deploy import start_flower, supernode_command, supernode_key, supervise
 
-    if bool(args.gpus) == bool(args.count):
-        raise ConfigError("deploy supernodes", "give either --gpus 0,1,... or --count N")
+    if args.count is not None and args.count < 1:
+        raise ConfigError("--count", f"must be >= 1, got {args.count}")
     devices = [g.strip() for g in args.gpus.split(",")] if args.gpus else [""] * args.count
     certs = None if args.insecure else Path(args.certs)
     total = args.num_partitions or len(devices)
@@ -224,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedws",
         description="Federated learning under non-IID data: BN vs WS+GN vs normalization-free.",
     )
+    parser.add_argument("--version", action="version", version=f"fedws {_version()}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
@@ -237,7 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     r.add_argument("-o", "--out", help=f"run directory (default: {DEFAULT_OUT}/<config name>)")
     _add_set(r)
-    r.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    r.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Flower's log (info) and Ray's worker processes' lines on the console",
+    )
+    r.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="Flower's console output (default warning; OUT/run.log always has info)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--resume",
@@ -258,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--parallel", type=int, default=1, help="cells run at once (default 1); cores are shared"
     )
+    st.add_argument("--no-progress", action="store_true", help="no progress bar over cells")
     st.set_defaults(func=cmd_study)
 
     rp = sub.add_parser(
@@ -276,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dg.add_argument("dir", metavar="RUN_DIR", help="a run directory written by fedws run")
     dg.set_defaults(func=cmd_diagnose)
+
+    cp = sub.add_parser(
+        "compare",
+        help="any runs side by side: accuracy, wall time, the config keys that differ, a figure",
+        description="Compare run directories: a table (final and validation-chosen test "
+        "accuracy, wall time, the config keys whose values differ) and one accuracy-vs-round "
+        "figure, printed and written to OUT/compare.md, compare.csv, accuracy_vs_round.png.",
+    )
+    cp.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="run directories of fedws run")
+    cp.add_argument("-o", "--out", help=f"output folder (default: {DEFAULT_OUT}/compare)")
+    cp.set_defaults(func=cmd_compare)
 
     dep = sub.add_parser(
         "deploy",
@@ -301,11 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--database", help="state database file (default: in memory)")
     sl.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
     sl.set_defaults(func=cmd_deploy_superlink)
+    sl_stop = dsub.add_parser(
+        "stop-local",
+        help="stop the local SuperLink that `flwr run .` started (by its pid)",
+        description="Stop the local simulation SuperLink that `flwr run .` starts and leaves "
+        "running (found by its --simulation flag and local Control API port); a deployed "
+        "SuperLink is left alone.",
+    )
+    sl_stop.set_defaults(func=cmd_deploy_stop_local)
     sn = dsub.add_parser("supernodes", help="start SuperNodes: one per GPU, or N on CPU")
     sn.add_argument("--superlink", default="127.0.0.1:9093", help="SuperLink host:port")
     sn.add_argument("--certs", default="certs", help="folder written by `deploy certs`")
-    sn.add_argument("--gpus", help="comma-separated GPU ids: one SuperNode pinned to each")
-    sn.add_argument("--count", type=int, help="N SuperNodes on the CPU")
+    where = sn.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpus", help="comma-separated GPU ids: one SuperNode pinned to each")
+    where.add_argument("--count", type=int, help="N SuperNodes on the CPU")
     sn.add_argument(
         "--first-partition", type=int, default=0, help="partition-id of the first node here"
     )

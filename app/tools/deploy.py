@@ -14,6 +14,7 @@ with this environment's ``bin/`` on ``PATH`` and stops them together:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -21,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -184,6 +186,56 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+LOCAL_CONTROL_PORT = "39093"  # flwr run's local SuperLink (FLWR_LOCAL_CONTROL_API_PORT)
+
+
+def local_superlinks(control_port: str | None = None) -> list[int]:
+    """PIDs of the local simulation SuperLinks that ``flwr run`` starts and leaves running:
+    ``flower-superlink`` processes with ``--simulation`` and the local Control API address.
+    A deployed SuperLink (no ``--simulation``) is never one of them."""
+    port = control_port or os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", LOCAL_CONTROL_PORT)
+    listing = subprocess.run(
+        ["ps", "-axo", "pid=,command="], capture_output=True, text=True, check=False
+    ).stdout
+    pids = []
+    for line in listing.splitlines():
+        pid, _, command = line.strip().partition(" ")
+        args = command.split()
+        if (
+            any(a.endswith("flower-superlink") for a in args[:2])
+            and "--simulation" in args
+            and f"127.0.0.1:{port}" in args
+        ):
+            pids.append(int(pid))
+    return pids
+
+
+def stop_pids(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM each process; SIGKILL what still runs after ``grace_s``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a child of this process that exited is a zombie until reaped: not running
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    return True
 
 
 def superlink_command(

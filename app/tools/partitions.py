@@ -113,7 +113,7 @@ def partition_views(configs: list[DataConfig]) -> list[PartitionView]:
             loaded[key] = load_dataset(data)
         ds = loaded[key]
         labels = ds.y_train.numpy()
-        parts = partition_indices(labels, data.partition, domains_of(data, ds))
+        parts = partition_indices(labels, data.partition, domains_of(data, ds), ds.natural_ids)
         views.append(PartitionView(data, ds, parts, label_counts(labels, parts, ds.num_classes)))
     return views
 

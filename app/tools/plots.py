@@ -54,11 +54,20 @@ def _panel_grid(n: int, max_cols: int, width: float):
     return fig, axes
 
 
+UNRELIABLE = " (server model: untrained BN, not meaningful)"
+
+
 def accuracy_curves(
-    panels: dict[str, list[tuple[str, list[tuple[int, float]]]]], path: Path
+    panels: dict[str, list[tuple[str, list[tuple[int, float]]]]],
+    path: Path,
+    unreliable: set[str] = frozenset(),
 ) -> Path:
-    """One panel per partition, one line per row label: the mean over seeds, a min-max band."""
+    """One panel per partition, one line per row label: the mean over seeds and the seeds'
+    band (min to max). Labels in ``unreliable`` (FedBN's server model, whose BN layers never
+    train) are drawn dashed grey and labelled as not meaningful."""
     fig, axes = _panel_grid(len(panels), max_cols=4, width=4.2)
+    labels = list(dict.fromkeys(label for runs in panels.values() for label, _ in runs))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # the same in every panel
     for ax, (title, runs) in zip(axes.flat, panels.items(), strict=False):
         by_label: dict[str, list[dict[int, float]]] = {}
         for label, curve in runs:
@@ -66,17 +75,22 @@ def accuracy_curves(
         for label, curves in by_label.items():
             rounds = sorted(set.intersection(*(set(c) for c in curves)))
             values = np.array([[c[r] for r in rounds] for c in curves])
-            ax.plot(rounds, values.mean(axis=0), label=label, marker=".", markersize=3)
+            style = {"color": colours[label], "label": label}
+            if label in unreliable:
+                style = {"color": "grey", "linestyle": "--", "label": label + UNRELIABLE}
+            ax.plot(rounds, values.mean(axis=0), marker=".", markersize=3, **style)
             if len(curves) > 1:
-                ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), alpha=0.2)
+                ax.fill_between(
+                    rounds, values.min(axis=0), values.max(axis=0), alpha=0.2, color=style["color"]
+                )
         ax.set_title(title)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round")
         ax.set_ylabel("global test accuracy")
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 3), frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, path)
 
 
@@ -123,10 +137,13 @@ def line_panels(
     xlabel: str = "round",
     log_y: tuple[str, ...] = (),
     categories: list[str] | None = None,
+    ylabels: dict[str, str] | None = None,
+    max_cols: int = 3,
 ) -> Path:
-    """One panel per title, one line per label; ``log_y`` names the panels on a log scale.
-    With ``categories``, x values are indices into it (tick labels)."""
-    fig, axes = _panel_grid(len(panels), max_cols=3, width=4.4)
+    """One panel per title, one line per label; ``log_y`` names the panels on a log scale,
+    ``ylabels`` the panels' y-axis labels. With ``categories``, x values are indices into it
+    (tick labels)."""
+    fig, axes = _panel_grid(len(panels), max_cols=max_cols, width=4.4)
     # one colour and line style per label in every panel; styles keep coinciding lines visible
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
     styles = {
@@ -147,6 +164,8 @@ def line_panels(
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
+        if ylabels and title in ylabels:
+            ax.set_ylabel(ylabels[title], fontsize=8)
         ax.grid(alpha=0.3)
         if 1 < len(series) <= 8:
             ax.legend(fontsize=7)

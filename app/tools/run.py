@@ -3,7 +3,6 @@ and a one-screen summary at the end."""
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from pathlib import Path
@@ -16,8 +15,11 @@ from app.config import Config
 from app.errors import FedwsError
 from app.learn import runtime
 from app.rundir import RunDir
+from app.tools.console import flower_console_level
+from app.tools.run_report import write_diagnostics
 from app.tools.simulation import run_simulation
 from server.server_app import make_server_app, resume_point
+from server.tracking import check_installed
 
 
 def describe(cfg: Config) -> str:
@@ -42,16 +44,19 @@ def _fmt(value: float) -> str:
 
 
 def run(
-    cfg: Config, out: Path, verbose: bool = False, progress: bool = True, resume: bool = False
+    cfg: Config,
+    out: Path,
+    verbose: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    log_level: str | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` with Flower's simulation runtime into ``out``; return ``summary.json``.
-    ``resume`` continues an interrupted run in ``out`` after its last checkpointed round."""
-    # Fail fast, before Ray starts: a missing dataset, an impossible partition or nothing to
-    # resume is one line. The ServerApp runs in this process and finds the data in the caches.
-    runtime.partitions(cfg.data)
-    done = resume_point(cfg, out)["fedws"]["round"] if resume else 0
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    ``resume`` continues an interrupted run in ``out`` after its last checkpointed round.
+    ``log_level``: Flower's console output (default warning; ``verbose``: info, and Ray's
+    workers' lines on the console too); ``OUT/run.log`` gets it all."""
+    done = preflight(cfg, out, resume)
+    flower_console_level(log_level or ("info" if verbose else "warning"))
     bar = tqdm(
         total=cfg.federation.rounds,
         initial=min(done, cfg.federation.rounds),
@@ -85,7 +90,32 @@ def run(
     summary = rundir.read_summary(RunDir(out))
     if summary is None:
         raise FedwsError(f"the run ended without writing {RunDir(out).summary}: see the log above")
+    attach_report(out, summary)
     return summary
+
+
+def preflight(cfg: Config, out: Path, resume: bool = False) -> int:
+    """Fail fast, before Ray starts and before anything is written: a missing dataset, an
+    impossible partition, a missing tracker package or nothing to resume is one line. Returns
+    the round a resumed run continues after (0 for a new run). The ServerApp runs in this
+    process and finds the data in the caches."""
+    runtime.partitions(cfg.data)
+    check_installed(cfg)
+    return resume_point(cfg, out)["fedws"]["round"] if resume else 0
+
+
+def attach_report(out: Path, summary: dict[str, Any]) -> None:
+    """With MLflow on: the run's diagnostics report and figures as artifacts of its run."""
+    tracking = summary.get("tracking") or {}
+    run = RunDir(out)
+    if "mlflow_run_id" not in tracking or not run.diagnostics.is_file():
+        return
+    import mlflow
+
+    report = write_diagnostics(out)
+    client = mlflow.MlflowClient(tracking_uri=tracking["mlflow_uri"])
+    client.log_artifact(tracking["mlflow_run_id"], str(report))
+    client.log_artifacts(tracking["mlflow_run_id"], str(run.figures), artifact_path="figures")
 
 
 def summary_text(cfg: Config, out: Path, summary: dict[str, Any]) -> str:

@@ -69,32 +69,41 @@ def write_diagnostics(run: Path) -> Path:
             )
         md.append("")
 
+    names = {ALL: "whole model", "convs": "convolutions", "norms": "norm layers"}
     drift = {
-        f"client drift ({group})": {
-            "mean": curves.get("drift_mean", {}).get(group, []),
-            "max": curves.get("drift_max", {}).get(group, []),
-            "spread": curves.get("drift_spread", {}).get(group, []),
+        f"Client drift: {names.get(group, group)}": {
+            "mean over clients": curves.get("drift_mean", {}).get(group, []),
+            "max over clients": curves.get("drift_max", {}).get(group, []),
+            "spread around their mean": curves.get("drift_spread", {}).get(group, []),
         }
         for group in (ALL, *GROUPS)
         if group in curves.get("drift_mean", {})
     }
+    ylabels = {title: "distance / ||w_prev||" for title in drift}
     if "update_cosine" in curves:
-        drift["update agreement (mean pairwise cosine)"] = {"cosine": curves["update_cosine"][ALL]}
+        drift["Update agreement"] = {"mean pairwise cosine": curves["update_cosine"][ALL]}
+        ylabels["Update agreement"] = "cosine (1: same direction)"
     if drift:
-        png = plots.line_panels(drift, figures / "diag_drift.png")
+        png = plots.line_panels(drift, figures / "diag_drift.png", ylabels=ylabels, max_cols=2)
         md += ["## Client drift and update agreement", "", f"![drift]({png.relative_to(run)})", ""]
 
     bn = {
         title: dict(curves[q])
         for q, title in (
-            ("bn_divergence", "client vs aggregate BN stats (sym. KL)"),
-            ("bn_test_gap", "BN running vs test batch stats (sym. KL)"),
-            ("bn_test_gap_recalibrated", "... after recalibration"),
+            ("bn_divergence", "BN statistics: clients vs aggregate"),
+            ("bn_test_gap", "BN statistics: train vs test"),
+            ("bn_test_gap_recalibrated", "BN statistics: train vs test, recalibrated"),
         )
         if q in curves
     }
     if bn:
-        png = plots.line_panels(bn, figures / "diag_bn_statistics.png", log_y=tuple(bn))
+        png = plots.line_panels(
+            bn,
+            figures / "diag_bn_statistics.png",
+            log_y=tuple(bn),
+            ylabels=dict.fromkeys(bn, "symmetric KL (per layer; all: mean)"),
+            max_cols=2,
+        )
         md += [
             "## BatchNorm statistics",
             "",
@@ -111,7 +120,11 @@ def write_diagnostics(run: Path) -> Path:
             "with BN recalibration": accuracy["global test accuracy"],
             "without": curves["test_accuracy_raw"][ALL],
         }
-    png = plots.line_panels({"global test accuracy": accuracy}, figures / "diag_accuracy.png")
+    png = plots.line_panels(
+        {"Global test accuracy": accuracy},
+        figures / "diag_accuracy.png",
+        ylabels={"Global test accuracy": "accuracy"},
+    )
     md += ["## Accuracy", "", f"![accuracy]({png.relative_to(run)})", ""]
     folder.diagnostics_report.write_text("\n".join(md))
     return folder.diagnostics_report

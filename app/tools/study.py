@@ -23,11 +23,13 @@ interrupted study continues where it stopped; a failed cell is recorded and the 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 from app import rundir
 from app.config import Config, apply_overrides, build, dump_config, read_yaml
@@ -159,6 +162,9 @@ def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Stud
             cfg = build(raw_cfg)
         except ConfigError as err:
             raise ConfigError(f"cell {cid}: {err.field}", err.message) from None
+        if cfg.logging.experiment is None:  # a study is one experiment (MLflow, W&B)
+            logging = dataclasses.replace(cfg.logging, experiment=path.stem)
+            cfg = dataclasses.replace(cfg, logging=logging)
         cells.append(Cell(cid, axes, cfg, label))
     # the axes rows and columns are told apart by (a labelled cell's own keys are its label's)
     axes = tuple(dict.fromkeys([*keys, *(k for c in cells if not c.label for k in c.axes)]))
@@ -218,8 +224,10 @@ def run_study(
     parallel: int = 1,
     echo: Callable[[str], Any] = print,
     launch: Launcher = launch_subprocess,
+    progress: bool = False,
 ) -> dict[str, str]:
-    """Run every cell not yet finished (``parallel`` at once); return each cell's status."""
+    """Run every cell not yet finished (``parallel`` at once); return each cell's status.
+    ``progress``: a bar over the cells on stderr, with the running cell(s) and an ETA."""
     folder = StudyDir(out)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_study(
@@ -243,14 +251,27 @@ def run_study(
     )
     # With several cells at once, each cell's Ray gets its share of the cores.
     ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
-    start, done = time.time(), [0]
+    start, done, running = time.time(), [0], []
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress, file=sys.stderr)
+    say = bar.write if progress else echo
+    lock = threading.Lock()
 
     def work(cell: Cell) -> None:
+        with lock:
+            running.append(cell.id)
+            bar.set_postfix_str(", ".join(running), refresh=True)
         status = run_cell(cell, folder.run(cell.id).path, ray_cpus, launch)
-        statuses[cell.id] = status
-        done[0] += 1
-        echo(f"[{done[0]}/{len(todo)}] {cell.id}: {status} ({time.time() - start:.0f} s elapsed)")
+        with lock:
+            statuses[cell.id] = status
+            done[0] += 1
+            running.remove(cell.id)
+            bar.set_postfix_str(", ".join(running), refresh=False)
+            bar.update(1)
+            say(f"[{done[0]}/{len(todo)}] {cell.id}: {status} ({time.time() - start:.0f} s)")
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        list(pool.map(work, todo))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            list(pool.map(work, todo))
+    finally:
+        bar.close()
     return statuses

@@ -318,6 +318,14 @@ def paired_table(
 
 # The "Why" section: (quantity, which summary value, what the table shows); the quantities
 # are app.learn.diagnostics'.
+# each "Why" quantity's figure panel: a title in words and the y-axis label
+WHY_PANELS = {
+    "update_cosine": ("Update agreement", "mean pairwise cosine (mean over rounds)"),
+    "drift_spread": ("Client disagreement", "spread around the mean (mean over rounds)"),
+    "bn_divergence": ("BN statistics: clients vs aggregate", "symmetric KL (mean over rounds)"),
+    "bn_test_gap": ("BN statistics: train vs test", "symmetric KL, final model"),
+}
+RECALIBRATED = "bn_test_gap_recalibrated"
 WHY = (
     (
         "update_cosine",
@@ -372,23 +380,38 @@ def why_section(out: Path, cells: list[CellResult], figures: Path) -> list[str]:
         "",
     ]
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for quantity, which, text in WHY:
-        value = _diagnostic(quantity, which)
-        if all(math.isnan(value(c)) for c in done):
-            continue
-        md += [f"{text}", "", accuracy_table(done, value, bold=False), ""]
+    ylabels: dict[str, str] = {}
+
+    def series_of(value, suffix: str = "") -> dict[str, list[tuple[float, float]]]:
         series: dict[str, list[tuple[float, float]]] = {}
         for row in _ordered(c.row for c in done):
             for i, col in enumerate(cols):
                 values = [value(c) for c in done if c.row == row and c.column == col]
                 values = [v for v in values if not math.isnan(v)]
                 if values:
-                    series.setdefault(row, []).append((i, float(np.mean(values))))
-        panels[f"{quantity} ({which})"] = series
+                    series.setdefault(row + suffix, []).append((i, float(np.mean(values))))
+        return series
+
+    for quantity, which, text in WHY:
+        value = _diagnostic(quantity, which)
+        if all(math.isnan(value(c)) for c in done):
+            continue
+        md += [f"{text}", "", accuracy_table(done, value, bold=False), ""]
+        title, ylabel = WHY_PANELS[quantity]
+        panels[title] = series_of(value)
+        if quantity == "bn_test_gap":  # and after server-side recalibration, where it ran
+            panels[title] |= series_of(_diagnostic(RECALIBRATED, which), " (recalibrated)")
+        ylabels[title] = ylabel
     if panels:
-        log_y = tuple(t for t in panels if t.startswith("bn_"))
+        log_y = tuple(t for t in panels if t.startswith("BN "))
         png = plots.line_panels(
-            panels, figures / "why_vs_heterogeneity.png", "partition", log_y, categories=cols
+            panels,
+            figures / "why_vs_heterogeneity.png",
+            "partition",
+            log_y,
+            categories=cols,
+            ylabels=ylabels,
+            max_cols=2,
         )
         md += [f"![diagnostics vs heterogeneity]({png.relative_to(out)})", ""]
     links = []
@@ -527,9 +550,11 @@ def write_report(out: Path) -> Path:
         md += _paired_section(in_col, None, "per-domain accuracy", True, base)
     md += why_section(out, cells, figures)
     if done:
+        fedbn = {c.row for c in done if c.config and c.config.federation.strategy == "fedbn"}
         curves = plots.accuracy_curves(
             {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},
             figures / "accuracy_vs_round.png",
+            unreliable=fedbn,
         )
         md += ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
         alpha_points = [

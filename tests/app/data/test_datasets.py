@@ -206,6 +206,11 @@ def test_normalize_uses_training_split_statistics():
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
 
 
+@pytest.mark.skipif(
+    not data_mod.FASHION_MNIST_SYSTEM_DIR.is_dir(),
+    reason="the Debian package dataset-fashion-mnist is not installed (sudo apt-get install "
+    "dataset-fashion-mnist; .ci/run installs it)",
+)
 def test_real_fashion_mnist_from_the_debian_package(no_fedws_data):
     """The quick start's data: .ci/run installs the Debian package dataset-fashion-mnist."""
     ds = load_fashion_mnist()

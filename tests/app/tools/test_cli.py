@@ -15,7 +15,7 @@ from app.nn.models import list_models
 from app.nn.norms import NORMS
 from app.tools.cli import main
 
-COMMANDS = ("run", "study", "report", "diagnose", "deploy", "partitions", "models")
+COMMANDS = ("run", "study", "report", "diagnose", "compare", "deploy", "partitions", "models")
 
 
 def test_help_lists_every_command(capsys):

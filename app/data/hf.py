@@ -1,0 +1,125 @@
+"""Hugging Face datasets (``data.dataset: hf``), read with the ``datasets`` library as
+flwr-datasets does, then held as uint8 image tensors like every other fedws dataset.
+
+``data.hf.path`` is a local copy (works offline) or a Hub id (needs the internet):
+
+- a ``DatasetDict.save_to_disk`` folder (it holds ``dataset_dict.json``);
+- a folder of data files that ``datasets.load_dataset`` understands (parquet, csv, json,
+  image folders), one file or file pattern per split as the library names them
+  (``train-*.parquet``, ``test-*.parquet``...);
+- a Hub id such as ``flwrlabs/femnist`` (the library's cache is used when present).
+
+The image column holds images (decoded by the ``Image`` feature, or arrays); the label column
+integers (a ``ClassLabel`` gives the class names). With ``data.partition.kind: natural`` the
+column ``data.partition.by`` (a writer, a speaker) is kept: each of its values is one client.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.config import DataConfig
+from app.errors import DataError, DatasetNotFoundError
+
+
+def _open(path: str):
+    import datasets
+
+    local = Path(path).expanduser()
+    try:
+        if local.is_dir() and (local / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(str(local))
+        if local.exists():
+            return datasets.load_dataset(str(local))
+        return datasets.load_dataset(path)
+    except FileNotFoundError as err:
+        raise DatasetNotFoundError(f"data.hf.path {path!r}: {err}") from None
+    except ConnectionError as err:
+        raise DatasetNotFoundError(
+            f"data.hf.path {path!r} is not a local folder and the Hugging Face Hub cannot be "
+            f"reached ({err}): copy the dataset to disk (DatasetDict.save_to_disk, or its "
+            "parquet files) and point data.hf.path at it"
+        ) from None
+    except ValueError as err:  # e.g. a folder with no data file the library knows
+        raise DataError(f"data.hf.path {path!r}: {err}") from None
+
+
+def _images(column, name: str, image_size: int | None) -> torch.Tensor:
+    """A column of images (PIL images or arrays) as uint8 (N, C, H, W)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    arrays = []
+    for value in tqdm(column, desc=f"images of {name}", unit="img", file=sys.stderr, leave=False):
+        if isinstance(value, Image.Image):
+            if image_size is not None and value.size != (image_size, image_size):
+                value = value.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            value = np.asarray(value.convert("L" if value.mode in ("1", "L", "I", "F") else "RGB"))
+        array = np.asarray(value)
+        if array.dtype != np.uint8:
+            array = np.clip(array * (255 if array.max() <= 1 else 1), 0, 255).astype(np.uint8)
+        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(
+            f"data.hf: images of {name} differ in shape {sorted(shapes)[:3]}: set "
+            "data.image_size to resize them all"
+        )
+    return torch.from_numpy(np.stack(arrays))
+
+
+def load_hf(data: DataConfig) -> dict:
+    """The ``ImageDataset`` fields of ``data.hf``: both splits, the class names, the natural
+    partition column when asked for, and where it came from."""
+    hf = data.hf
+    dd = _open(hf.path)
+    splits = {}
+    for role, split in (("train", hf.train_split), ("test", hf.test_split)):
+        if split not in dd:
+            raise DataError(
+                f"data.hf.{role}_split: {hf.path!r} has no split {split!r}; it has: {', '.join(dd)}"
+            )
+        ds = dd[split]
+        for column in (hf.image_column, hf.label_column):
+            if column not in ds.column_names:
+                raise DataError(
+                    f"data.hf: split {split!r} has no column {column!r}; its columns: "
+                    f"{', '.join(ds.column_names)}"
+                )
+        splits[role] = ds
+    feature = splits["train"].features[hf.label_column]
+    names = getattr(feature, "names", None)
+    labels = {r: np.asarray(splits[r][hf.label_column]) for r in splits}
+    if names:
+        classes = tuple(str(n) for n in names)
+        y = {r: labels[r].astype(np.int64) for r in labels}
+    else:
+        values = sorted(set(labels["train"].tolist()))
+        index = {v: i for i, v in enumerate(values)}
+        unknown = sorted(set(labels["test"].tolist()) - set(values))
+        if unknown:
+            raise DataError(f"data.hf: test label {unknown[0]!r} has no training images")
+        classes = tuple(str(v) for v in values)
+        y = {r: np.array([index[v] for v in labels[r].tolist()], np.int64) for r in labels}
+    x = {r: _images(splits[r][hf.image_column], r, data.image_size) for r in splits}
+    fields = {
+        "x_train": x["train"],
+        "y_train": torch.from_numpy(y["train"]),
+        "x_test": x["test"],
+        "y_test": torch.from_numpy(y["test"]),
+        "classes": classes,
+        "source": f"hf: {hf.path}",
+    }
+    by = data.partition.by
+    if by is not None:
+        if by not in splits["train"].column_names:
+            raise DataError(
+                f"data.partition.by: the training split has no column {by!r}; its columns: "
+                f"{', '.join(splits['train'].column_names)}"
+            )
+        fields["natural_ids"] = np.asarray([str(v) for v in splits["train"][by]])
+    return fields

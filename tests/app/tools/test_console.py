@@ -1,0 +1,46 @@
+"""OUT/run.log: what the console showed, and Ray workers' lines kept out of the console."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from app.tools import console
+from app.tools.console import _Tee
+
+WORKER = "\x1b[36m(ClientAppActor pid=1234)\x1b[0m Fatal Python error: Aborted"
+
+
+@pytest.mark.parametrize("workers", [False, True])
+def test_worker_lines_go_to_the_log_and_only_there_unless_asked(workers):
+    screen, log = io.StringIO(), io.StringIO()
+    tee = _Tee(screen, log, workers)
+    tee.write("fedws run: something\n")
+    print(WORKER, file=tee)  # print writes the text, then the newline
+    tee.write("(not a worker) parentheses in fedws's own text\n")
+    tee.write("rounds: 10%\rrounds: 50%\rrounds: 100%")
+    tee.write("\n")
+    assert log.getvalue().splitlines() == [
+        "fedws run: something",
+        WORKER,
+        "(not a worker) parentheses in fedws's own text",
+        "rounds: 100%",  # a progress bar's last state
+    ]
+    shown = screen.getvalue()
+    assert ("Fatal Python error" in shown) == workers
+    assert "fedws run: something\n" in shown and "rounds: 10%\rrounds: 50%" in shown
+    assert "(not a worker) parentheses" in shown
+
+
+def test_teed_writes_the_file_and_restores_the_streams(tmp_path, capsys):
+    path = tmp_path / "out" / "run.log"
+    with console.teed(path):
+        print("hello")
+        print(WORKER)
+    print("after")
+    assert path.read_text().splitlines() == ["hello", WORKER]
+    out = capsys.readouterr().out
+    assert "hello" in out and "after" in out and "Fatal" not in out
+    assert not isinstance(sys.stdout, _Tee)
