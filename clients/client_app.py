@@ -97,20 +97,22 @@ def _newest_state(
 ) -> tuple[int, dict[str, torch.Tensor] | None]:
     """(round, state) of this client's newest local state from a round < ``before_round``;
     (0, None) when it has none (it never trained)."""
-    if LOCAL_STATE_KEY in context.state:
-        held = int(context.state[LOCAL_ROUND_KEY]["round"])
-        if held < before_round:
-            return held, context.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    if LOCAL_STATE_KEY in context.state:  # this process's, if of this run (a study shares
+        held = context.state[LOCAL_ROUND_KEY]  # its client processes between its runs)
+        if held["run"] == store.run_key and int(held["round"]) < before_round:
+            return int(held["round"]), context.state[LOCAL_STATE_KEY].to_torch_state_dict()
     saved = store.load(before_round)
     if saved is None:
         return 0, None
-    _keep(context, *saved)
+    _keep(context, store.run_key, *saved)
     return saved
 
 
-def _keep(context: Context, server_round: int, local: dict[str, torch.Tensor]) -> None:
+def _keep(
+    context: Context, run_key: str, server_round: int, local: dict[str, torch.Tensor]
+) -> None:
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
-    context.state[LOCAL_ROUND_KEY] = ConfigRecord({"round": server_round})
+    context.state[LOCAL_ROUND_KEY] = ConfigRecord({"round": server_round, "run": run_key})
 
 
 def _validate(cfg: Config, module: FedwsClassifier, local_shard: ClientShard) -> dict[str, float]:
@@ -160,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
     kept = select(state, policy.local)
     if kept:
-        _keep(context, server_round, kept)
+        _keep(context, local.store.run_key, server_round, kept)
         local.store.save(server_round, kept)
     if cfg.faults.poisons(local_shard.client, server_round):
         state[policy.travel[0]] = torch.full_like(state[policy.travel[0]], float("nan"))

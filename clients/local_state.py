@@ -42,7 +42,7 @@ class LocalStateStore:
 
     def __init__(self, root: Path, run_key: str, client: int) -> None:
         self.folder = root / run_key
-        self.client = client
+        self.run_key, self.client = run_key, client
 
     def _path(self, server_round: int) -> Path:
         return self.folder / f"client-{self.client}.round-{server_round}.pt"

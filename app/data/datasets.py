@@ -10,6 +10,7 @@ on disk raises ``DatasetNotFoundError`` naming every path tried and how to get t
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -24,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from app.config import DataConfig, SyntheticConfig
+from app.config import DataConfig, PartitionConfig, SyntheticConfig
 from app.data.hf import load_hf
 from app.data.imagefolder import load_imagefolder
 from app.errors import DataError, DatasetNotFoundError
@@ -340,6 +341,17 @@ def load_image_folder(root: str | None, image_size: int | None = None) -> ImageD
     arrays, classes, domains, cache = load_imagefolder(path, image_size, _notice)
     source = f"{path} (decoded images cached in {cache})"
     return ImageDataset("imagefolder", classes=classes, source=source, domains=domains, **arrays)
+
+
+def dataset_key(data: DataConfig) -> DataConfig:
+    """What a dataset depends on: everything but the partition, except its seed (it draws the
+    synthetic data and the subsets) and a natural partition's column (it is loaded with it)."""
+    p = data.partition
+    if p.by is not None:
+        key = PartitionConfig(kind="natural", by=p.by, seed=p.seed, num_clients=p.num_clients)
+    else:
+        key = PartitionConfig(seed=p.seed)
+    return dataclasses.replace(data, partition=key)
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:

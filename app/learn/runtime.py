@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import yaml
 
 from app.config import Config, DataConfig, build
-from app.data.datasets import ImageDataset, load_dataset
+from app.data.datasets import ImageDataset, dataset_key, load_dataset
 from app.data.domains import TEST, Domains, domains_of
 from app.data.partitions import ClientShard, make_shard, partition_indices
 from app.learn.classifier import FedwsClassifier
@@ -33,9 +34,15 @@ def config_from_text(text: str) -> Config:
     return build(yaml.safe_load(text))
 
 
-@functools.lru_cache(maxsize=2)
 def dataset(data: DataConfig) -> ImageDataset:
-    return load_dataset(data)
+    """The dataset of ``data``, loaded once per process for every partition of it (the runs
+    of a study that vary only the partition share one copy)."""
+    return _dataset(dataset_key(data))
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(key: DataConfig) -> ImageDataset:
+    return load_dataset(key)
 
 
 @functools.lru_cache(maxsize=2)
@@ -51,10 +58,46 @@ def partitions(data: DataConfig) -> tuple[np.ndarray, ...]:
     return tuple(parts)
 
 
-@functools.cache
+SHARD_CACHE_BYTES = 512 * 2**20  # per process: the shards kept, most recently used first
+
+
+class _ShardCache:
+    """The shards this process built, kept up to ``SHARD_CACHE_BYTES`` (least recently used
+    out first): a client process of a simulation serves many clients in turn, and keeping
+    every shard it ever served would grow with the number of clients."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.size = budget, 0
+        self.entries: OrderedDict[tuple, tuple[ClientShard, int]] = OrderedDict()
+
+    def get(self, key: tuple, build) -> ClientShard:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key][0]
+        value = build()
+        nbytes = sum(t.numel() * t.element_size() for t in (value.x_train, value.x_val))
+        self.entries[key] = (value, nbytes)
+        self.size += nbytes
+        while self.size > self.budget and len(self.entries) > 1:
+            _, (_, freed) = self.entries.popitem(last=False)
+            self.size -= freed
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.size = 0
+
+
+_shards = _ShardCache(SHARD_CACHE_BYTES)
+
+
 def shard(data: DataConfig, client: int) -> ClientShard:
-    """Client ``client``'s shard, built on first use in this process and kept."""
-    return make_shard(dataset(data), partitions(data)[client], client, data, domains(data))
+    """Client ``client``'s shard, built on first use in this process and kept while the
+    cache's budget allows."""
+    return _shards.get(
+        (data, client),
+        lambda: make_shard(dataset(data), partitions(data)[client], client, data, domains(data)),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,12 +114,13 @@ def shard_on(data: DataConfig, client: int, device: torch.device) -> ClientShard
     local = shard(data, client)
     if device.type == "cpu":
         return local
-    return _moved(data, client, str(device))
+    return _on_device.get((data, client, str(device)), lambda: _moved(local, str(device)))
 
 
-@functools.cache
-def _moved(data: DataConfig, client: int, device: str) -> ClientShard:
-    local = shard(data, client)
+_on_device = _ShardCache(SHARD_CACHE_BYTES)  # device copies, with a budget of their own
+
+
+def _moved(local: ClientShard, device: str) -> ClientShard:
     size = sum(t.numel() * t.element_size() for t in (local.x_train, local.x_val))
     if device.startswith("cuda") and size > torch.cuda.mem_get_info(torch.device(device))[0] / 4:
         return local  # too large: Lightning copies each batch instead

@@ -138,6 +138,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         echo=lambda m: print(m, flush=True),
         progress=not args.no_progress,
+        isolated=args.isolated,
     )
     report = write_report(out)
     failed = sorted(cid for cid, status in statuses.items() if status not in FINISHED)
@@ -321,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel", type=int, default=1, help="cells run at once (default 1); cores are shared"
     )
     st.add_argument("--no-progress", action="store_true", help="no progress bar over cells")
+    st.add_argument(
+        "--isolated",
+        action="store_true",
+        help="each cell in a process of its own (default: one after the other in one shared "
+        "Flower simulation runtime; --parallel implies it)",
+    )
     st.set_defaults(func=cmd_study)
 
     rp = sub.add_parser(

@@ -5,14 +5,13 @@ the study report draws (from the same code, so both show the same split)."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from app.config import DataConfig, PartitionConfig
-from app.data.datasets import ImageDataset, load_dataset
+from app.config import DataConfig
+from app.data.datasets import ImageDataset, dataset_key, load_dataset
 from app.data.domains import domains_of
 from app.data.partitions import (
     FeatureShift,
@@ -97,18 +96,12 @@ class PartitionView:
         return plots.label_heatmap(self.counts, self.dataset.classes, path, title or self.title)
 
 
-def _dataset_key(data: DataConfig) -> DataConfig:
-    """What a dataset depends on: everything but the partition, except its seed (it draws the
-    synthetic data and the subsets)."""
-    return dataclasses.replace(data, partition=PartitionConfig(seed=data.partition.seed))
-
-
 def partition_views(configs: list[DataConfig]) -> list[PartitionView]:
     """A view of each data config, each dataset loaded once however many partitions use it."""
     loaded: dict[DataConfig, ImageDataset] = {}
     views = []
     for data in configs:
-        key = _dataset_key(data)
+        key = dataset_key(data)
         if key not in loaded:
             loaded[key] = load_dataset(data)
         ds = loaded[key]

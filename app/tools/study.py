@@ -15,9 +15,10 @@ A study file::
     baseline: nf                      # optional: the row paired differences are taken against
                                       # (default: BatchNorm under FedAvg)
 
-Every cell is one ``fedws run`` (a subprocess: its own Ray, its own memory) into
-``OUT/runs/<cell-id>/``. A cell whose ``summary.json`` says ``completed`` (or ``diverged``: a
-result too) is skipped, so an
+Every cell is a run exactly like ``fedws run`` into ``OUT/runs/<cell-id>/``: one after the
+other in one Flower simulation runtime (one Ray start, one pool of client processes for the
+study), or with ``--parallel N`` / ``--isolated`` each in a subprocess of its own. A cell
+whose ``summary.json`` says ``completed`` (or ``diverged``: a result too) is skipped, so an
 interrupted study continues where it stopped; a failed cell is recorded and the study goes on.
 """
 
@@ -38,12 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from app import rundir
-from app.config import Config, apply_overrides, build, dump_config, read_yaml
+from app.config import Config, apply_overrides, build, dump_config, load_config, read_yaml
 from app.errors import ConfigError
 from app.rundir import RunDir, StudyDir
+from app.tools.simulation import run_simulation
+from server.server_app import run_federation
 
 STUDY_KEYS = ("base", "overrides", "grid", "extra", "target_accuracy", "baseline")
 LABEL = "label"  # in an extra entry: the name of its row (not a config key)
@@ -218,15 +223,68 @@ def run_cell(cell: Cell, out: Path, ray_cpus: int | None, launch: Launcher) -> s
     return rundir.FAILED
 
 
+def _runtime_key(cfg: Config) -> tuple:
+    """What a Flower simulation fixes for all of its runs: its nodes and their resources."""
+    sim = cfg.simulation
+    return (
+        cfg.data.partition.num_clients,
+        sim.num_cpus,
+        sim.num_gpus,
+        sim.ray_num_cpus,
+        sim.ray_address,
+    )
+
+
+def run_shared(
+    cells: list[Cell],
+    folder: StudyDir,
+    started: Callable[[Cell], Any],
+    finished: Callable[[Cell, str], Any],
+) -> None:
+    """Run ``cells`` one after the other inside one Flower simulation per group of cells that
+    share its nodes (client count and resources): one Ray runtime and one pool of client
+    processes, with their imports and datasets, for the whole group instead of one per cell.
+    Each cell is ``run_federation`` on the shared grid, exactly as ``fedws run`` runs it."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(_runtime_key(cell.config), []).append(cell)
+    for group in groups.values():
+        server_app = ServerApp()
+
+        @server_app.main()
+        def main(grid: Grid, context: Context, group: list[Cell] = group) -> None:
+            def launch(config: Path, out: Path, _ray_cpus: int | None) -> str | None:
+                run_federation(grid, load_config(config), out)
+                return None
+
+            for cell in group:
+                started(cell)
+                finished(cell, run_cell(cell, folder.run(cell.id).path, None, launch))
+
+        sim = group[0].config.simulation
+        run_simulation(
+            server_app,
+            num_clients=group[0].config.data.partition.num_clients,
+            num_cpus=sim.num_cpus,
+            num_gpus=sim.num_gpus,
+            ray_num_cpus=sim.ray_num_cpus,
+            ray_address=sim.ray_address,
+        )
+
+
 def run_study(
     study: Study,
     out: Path,
     parallel: int = 1,
     echo: Callable[[str], Any] = print,
-    launch: Launcher = launch_subprocess,
+    launch: Launcher | None = None,
     progress: bool = False,
+    isolated: bool = False,
 ) -> dict[str, str]:
-    """Run every cell not yet finished (``parallel`` at once); return each cell's status.
+    """Run every cell not yet finished; return each cell's status. One at a time (the
+    default), the cells share one Flower simulation runtime (``run_shared``); with
+    ``parallel`` > 1 or ``isolated``, each cell is ``fedws run`` in a process of its own
+    (``launch``, ``parallel`` at once, each with its share of the cores).
     ``progress``: a bar over the cells on stderr, with the running cell(s) and an ETA."""
     folder = StudyDir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,11 +314,12 @@ def run_study(
     say = bar.write if progress else echo
     lock = threading.Lock()
 
-    def work(cell: Cell) -> None:
+    def started(cell: Cell) -> None:
         with lock:
             running.append(cell.id)
             bar.set_postfix_str(", ".join(running), refresh=True)
-        status = run_cell(cell, folder.run(cell.id).path, ray_cpus, launch)
+
+    def finished(cell: Cell, status: str) -> None:
         with lock:
             statuses[cell.id] = status
             done[0] += 1
@@ -269,9 +328,17 @@ def run_study(
             bar.update(1)
             say(f"[{done[0]}/{len(todo)}] {cell.id}: {status} ({time.time() - start:.0f} s)")
 
+    def work(cell: Cell) -> None:
+        started(cell)
+        finished(cell, run_cell(cell, folder.run(cell.id).path, ray_cpus, launch))
+
     try:
-        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            list(pool.map(work, todo))
+        if launch is None and parallel == 1 and not isolated and todo:
+            run_shared(todo, folder, started, finished)
+        else:
+            launch = launch or launch_subprocess
+            with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+                list(pool.map(work, todo))
     finally:
         bar.close()
     return statuses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -188,3 +189,25 @@ def test_node_count_must_match_the_config():
     ctx.node_config["num-partitions"] = 9
     with pytest.raises(ValueError, match=r"9 nodes but data\.partition\.num_clients is 4"):
         app(message(cfg, global_arrays(cfg)), ctx)
+
+
+def test_a_process_keeps_shards_up_to_a_byte_budget_least_recently_used_out():
+    from app.learn.runtime import _ShardCache
+
+    built = []
+
+    def build(n):
+        def make():
+            built.append(n)
+            x = torch.zeros(n, 1, 2, 2)  # n * 16 bytes
+            return dataclasses.replace(shard(small_config().data, 0), x_train=x, x_val=x[:0])
+
+        return make
+
+    cache = _ShardCache(budget=100)
+    a = cache.get("a", build(3))  # 48 bytes
+    assert cache.get("a", build(3)) is a and built == [3]  # kept: not built again
+    cache.get("b", build(3))  # 96 bytes
+    cache.get("a", build(3))  # a used last: b is the oldest now
+    cache.get("c", build(3))  # 144 > 100: b goes
+    assert list(cache.entries) == ["a", "c"] and cache.size == 96

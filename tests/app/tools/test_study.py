@@ -275,6 +275,38 @@ def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
             assert (out / "runs" / cell / name).is_file()
 
 
+def test_a_study_in_one_shared_runtime_gives_each_cell_what_fedws_run_gives(tmp_path):
+    """The default path: every cell in one Flower simulation (one Ray start, one pool of client
+    processes); each cell's numbers are those of `fedws run` of its config, to the last digit."""
+    grid = {**GRID["grid"], "model.norm": ["bn", "ws_gn"]}
+    study = {"grid": grid, "extra": [{"model.norm": "bn", "federation.strategy": "fedbn"}]}
+    path = write_study(tmp_path, {**study, "overrides": {"federation.rounds": 2}})
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*FEDWS, "study", str(path), "-o", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (out / "runs" / "norm-bn_partition-iid" / "log.txt").exists()  # no subprocess
+    for cell in ("norm-ws_gn_partition-dirichlet-0.5", "norm-bn_strategy-fedbn_partition-iid"):
+        alone = tmp_path / f"alone-{cell}"
+        run = subprocess.run(
+            [*FEDWS, "run", str(out / "runs" / cell / "cell.yaml"), "-o", str(alone)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        for name in ("metrics.csv", "clients.csv", "diagnostics.csv"):
+            shared, single = read_rows(out / "runs" / cell / name), read_rows(alone / name)
+            keep = [k for k in single[0] if not k.endswith("_s")]  # but for timings
+            assert [[r[k] for k in keep] for r in shared] == [[r[k] for k in keep] for r in single]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_and_study_is_valid(path):
     if path.parent.name == "studies":
