@@ -463,6 +463,12 @@ class Config:
             f"must be <= data.partition.num_clients ({n}), got {self.federation.min_clients}",
         )
 
+    @property
+    def server_model_untrained(self) -> bool:
+        """FedBN on a model with BatchNorm: the server's BN layers never train, so its own test
+        accuracy measures the shared layers only, not the method."""
+        return self.federation.strategy == "fedbn" and self.model.norm in ("bn", "ws_bn")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe data (tuples become lists)."""
         return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})

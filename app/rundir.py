@@ -19,6 +19,7 @@ A study folder (``fedws study``)::
     runs/<cell>/       a run directory each, plus cell.yaml (the cell's config) and log.txt
     results.csv        a row per cell (RESULT_COLUMNS)
     report.md          with figures/
+    study.log          what fedws study printed, Ray workers' lines
 
 Every writer and reader imports its names from here (Lightning keeps its CSV logger's format
 in one class the same way): a file name spelled in one place cannot disagree with itself.
@@ -60,6 +61,7 @@ CELL_CONFIG = "cell.yaml"
 CELL_LOG = "log.txt"
 RESULTS = "results.csv"
 STUDY_REPORT = "report.md"
+STUDY_LOG = "study.log"
 
 METRIC_COLUMNS = (
     "round",
@@ -216,6 +218,10 @@ class StudyDir:
     @property
     def figures(self) -> Path:
         return self.path / FIGURES
+
+    @property
+    def log(self) -> Path:
+        return self.path / STUDY_LOG
 
     def run(self, cell: str) -> RunDir:
         return RunDir(self.path / RUNS / cell)

@@ -25,7 +25,7 @@ from app import rundir
 from app.config import Config, dump_config
 from app.learn.diagnostics import summarise
 from app.rundir import CLIENT_COLUMNS, DIAGNOSTIC_COLUMNS, DOMAIN_COLUMNS, METRIC_COLUMNS, RunDir
-from server.tracking import flat_config, log_artifact, tracked_metrics
+from server.tracking import finish_trackers, flat_config, log_artifact, tracked_metrics
 from server.tracking import make_loggers as tracking_loggers
 from server.tracking import state as tracking_state
 
@@ -158,7 +158,8 @@ class RunLog:
         """Write ``summary.json``: ``final`` is the last round whose test accuracy was measured
         (the headline), ``best`` the round ``best()`` chose, with the test accuracy at it."""
         for logger in self.loggers:
-            logger.finalize(status="success" if status == rundir.COMPLETED else "failed")
+            logger.finalize(status="success" if status in rundir.FINISHED else "failed")
+        finish_trackers(self.loggers)
         last = next((r for r in reversed(self.rows) if not math.isnan(r["test_accuracy"])), None)
         if diverged_round is not None:  # a diverged run has no final model
             last = None

@@ -268,6 +268,9 @@ def _federate(
     except FedwsError as err:
         run_log.finish(rundir.FAILED, str(err))
         raise
+    except BaseException as err:  # any other end: the trackers' runs are closed as failed too
+        run_log.finish(rundir.FAILED, f"{type(err).__name__}: {err}")
+        raise
     return run_log.finish()
 
 

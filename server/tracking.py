@@ -74,11 +74,8 @@ def make_loggers(cfg: Config, out: Path, resume: dict[str, Any] | None = None) -
         if name == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            loggers.append(
-                TensorBoardLogger(
-                    save_dir=out, name=rundir.TENSORBOARD, version="", default_hp_metric=False
-                )
-            )
+            # default_hp_metric: the config is written as hparams with a placeholder metric
+            loggers.append(TensorBoardLogger(save_dir=out, name=rundir.TENSORBOARD, version=""))
         elif name == "mlflow":
             from lightning.pytorch.loggers import MLFlowLogger
 
@@ -88,8 +85,13 @@ def make_loggers(cfg: Config, out: Path, resume: dict[str, Any] | None = None) -
                     experiment_name=experiment(cfg),
                     run_name=out.name,
                     tracking_uri=mlflow_uri(cfg, out),
-                    # artifacts beside the default store, never in the working folder
-                    artifact_location=str(out.resolve().parent / MLFLOW_ARTIFACTS),
+                    # with the default store, artifacts beside it, never in the working folder;
+                    # a store of the user's keeps its own artifact location
+                    artifact_location=(
+                        None
+                        if cfg.logging.mlflow_uri
+                        else str(out.resolve().parent / MLFLOW_ARTIFACTS)
+                    ),
                     run_id=resume.get("mlflow_run_id"),
                 )
             )
@@ -140,6 +142,14 @@ def state(loggers: list[Logger]) -> dict[str, Any]:
         elif type(logger).__name__ == "WandbLogger":
             found["wandb_run_id"] = logger.version
     return found
+
+
+def finish_trackers(loggers: list[Logger]) -> None:
+    """Close what Lightning's ``finalize`` leaves open: a W&B run (so the next run in this
+    process, a study's next cell, starts its own)."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
 
 
 def log_artifact(loggers: list[Logger], path: Path) -> None:

@@ -48,25 +48,37 @@ def _open(path: str):
         raise DataError(f"data.hf.path {path!r}: {err}") from None
 
 
+def _pil(value):
+    """An image cell (a PIL image, or an array of 0-255 or 0-1 values) as a PIL image."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    array = np.asarray(value)
+    if array.dtype != np.uint8:
+        array = np.clip(array * (255 if array.max() <= 1 else 1), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
 def _images(column, name: str, image_size: int | None) -> torch.Tensor:
-    """A column of images (PIL images or arrays) as uint8 (N, C, H, W)."""
+    """A column of images as uint8 (N, C, H, W): all colour if any image is colour, all
+    grayscale otherwise; resized to ``image_size`` when given."""
     from PIL import Image
     from tqdm.auto import tqdm
 
+    images = [_pil(v) for v in column]
+    colour = any(img.mode not in ("1", "L", "LA", "I", "I;16", "F") for img in images)
     arrays = []
-    for value in tqdm(column, desc=f"images of {name}", unit="img", file=sys.stderr, leave=False):
-        if isinstance(value, Image.Image):
-            if image_size is not None and value.size != (image_size, image_size):
-                value = value.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            value = np.asarray(value.convert("L" if value.mode in ("1", "L", "I", "F") else "RGB"))
-        array = np.asarray(value)
-        if array.dtype != np.uint8:
-            array = np.clip(array * (255 if array.max() <= 1 else 1), 0, 255).astype(np.uint8)
+    for img in tqdm(images, desc=f"images of {name}", unit="img", file=sys.stderr, leave=False):
+        img = img.convert("RGB" if colour else "L")
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataError(
-            f"data.hf: images of {name} differ in shape {sorted(shapes)[:3]}: set "
+            f"data.hf: images of {name} differ in size {sorted(shapes)[:3]}: set "
             "data.image_size to resize them all"
         )
     return torch.from_numpy(np.stack(arrays))
@@ -97,6 +109,13 @@ def load_hf(data: DataConfig) -> dict:
     if names:
         classes = tuple(str(n) for n in names)
         y = {r: labels[r].astype(np.int64) for r in labels}
+        for role, values in y.items():
+            outside = values[(values < 0) | (values >= len(classes))]
+            if len(outside):
+                raise DataError(
+                    f"data.hf: the {role} split has label {int(outside[0])}, not one of the "
+                    f"{len(classes)} classes (a split without labels cannot be used)"
+                )
     else:
         values = sorted(set(labels["train"].tolist()))
         index = {v: i for i, v in enumerate(values)}

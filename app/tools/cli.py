@@ -35,6 +35,11 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def error_line(err: FedwsError) -> str:
+    kind = "config error" if isinstance(err, ConfigError) else "error"
+    return f"fedws: {kind}: {err}"
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -110,21 +115,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
     level = args.log_level or ("info" if args.verbose else "warning")
     preflight(cfg, out, args.resume)  # one-line errors before OUT is written to
-    with teed(RunDir(out).run_log, level, workers=args.verbose):
+    with teed(RunDir(out).run_log, level, workers=args.verbose, append=args.resume):
         print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
-        summary = run(
-            cfg,
-            out,
-            verbose=args.verbose,
-            progress=not args.no_progress,
-            resume=args.resume,
-            log_level=level,
-        )
+        try:
+            summary = run(
+                cfg,
+                out,
+                verbose=args.verbose,
+                progress=not args.no_progress,
+                resume=args.resume,
+                log_level=level,
+            )
+        except FedwsError as err:  # said here, inside the tee: run.log says why it stopped
+            print(error_line(err), file=sys.stderr)
+            return err.exit_code
         print(summary_text(cfg, out, summary))
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from app.tools.console import teed
     from app.tools.study import load_study, run_study
     from app.tools.study_report import write_report
 
@@ -132,14 +142,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError("--parallel", f"must be >= 1, got {args.parallel}")
     study = load_study(args.study, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
-    statuses = run_study(
-        study,
-        out,
-        parallel=args.parallel,
-        echo=lambda m: print(m, flush=True),
-        progress=not args.no_progress,
-        isolated=args.isolated,
-    )
+    with teed(StudyDir(out).log, append=True):  # Ray workers' lines: in study.log only
+        statuses = run_study(
+            study,
+            out,
+            parallel=args.parallel,
+            echo=lambda m: print(m, flush=True),
+            progress=not args.no_progress,
+            isolated=args.isolated,
+        )
     report = write_report(out)
     failed = sorted(cid for cid, status in statuses.items() if status not in FINISHED)
     print(f"wrote {StudyDir(out).results} and {report}")
@@ -243,7 +254,10 @@ def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
 
     if args.count is not None and args.count < 1:
         raise ConfigError("--count", f"must be >= 1, got {args.count}")
-    devices = [g.strip() for g in args.gpus.split(",")] if args.gpus else [""] * args.count
+    devices = [g.strip() for g in args.gpus.split(",")] if args.gpus is not None else []
+    if args.gpus is not None and not all(d.isdigit() for d in devices):
+        raise ConfigError("--gpus", f"expected GPU ids like 0,1,2, got {args.gpus!r}")
+    devices = devices or [""] * args.count
     certs = None if args.insecure else Path(args.certs)
     total = args.num_partitions or len(devices)
     commands = []
@@ -444,8 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedwsError as err:
-        kind = "config error" if isinstance(err, ConfigError) else "error"
-        print(f"fedws: {kind}: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("fedws: interrupted", file=sys.stderr)

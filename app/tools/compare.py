@@ -32,19 +32,17 @@ class Compared:
     @property
     def server_model_meaningless(self) -> bool:
         """FedBN's server keeps untrained BN layers: its test curve is not the method's."""
-        return self.config.federation.strategy == "fedbn" and self.config.model.norm in (
-            "bn",
-            "ws_bn",
-        )
+        return self.config.server_model_untrained
 
 
 def _names(runs: list[Path]) -> list[str]:
-    """Each run's folder name, with its parent when two runs share a name."""
-    names = [r.resolve().name for r in runs]
-    return [
-        f"{r.resolve().parent.name}/{n}" if names.count(n) > 1 else n
-        for r, n in zip(runs, names, strict=True)
-    ]
+    """Each run's folder name, with as many parent folders as it takes to tell them apart."""
+    parts = [r.resolve().parts for r in runs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ConfigError(" ".join(map(str, runs)), "the same run directory is given twice")
 
 
 def load(runs: list[Path]) -> list[Compared]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +33,14 @@ class _Tee:
     def __init__(self, console: TextIO, log: TextIO, workers: bool) -> None:
         self.console, self.log, self.workers = console, log, workers
         self.line, self.held, self.fresh = "", False, True
+        self.lock = threading.Lock()  # Ray's log thread, Flower's server thread, the main one
 
     def write(self, text: str) -> int:
+        with self.lock:
+            self._write(text)
+        return len(text)
+
+    def _write(self, text: str) -> None:
         for piece in re.split(r"(\n)", text):
             if piece == "\n":
                 self._end_line()
@@ -43,7 +51,6 @@ class _Tee:
                 self.line += piece
                 if not self.held:
                     self.console.write(piece)
-        return len(text)
 
     def _end_line(self) -> None:
         self.log.write(self.line.rsplit("\r", 1)[-1] + "\n")
@@ -54,8 +61,9 @@ class _Tee:
         self.line, self.held, self.fresh = "", False, True
 
     def close_line(self) -> None:
-        if self.line:
-            self._end_line()
+        with self.lock:
+            if self.line:
+                self._end_line()
 
     def flush(self) -> None:
         self.console.flush()
@@ -84,18 +92,32 @@ def flower_console_level(level: str) -> None:
             handler.setLevel(console_level)
 
 
+def console_stream() -> TextIO:
+    """The terminal's stderr, past any tee: for progress bars, which redraw one line and have
+    no place in a log file."""
+    return getattr(sys.stderr, "console", sys.stderr)
+
+
 @contextmanager
-def teed(path: Path, level: str = "warning", workers: bool = False) -> Iterator[None]:
-    """Inside: stdout and stderr also go to ``path`` (appended: a resumed run continues it;
-    the server adds Flower's log there), Ray workers' lines only there unless ``workers``;
-    Flower's console output at ``level``."""
+def teed(
+    path: Path, level: str = "warning", workers: bool = False, append: bool = False
+) -> Iterator[None]:
+    """Inside: stdout and stderr also go to ``path`` (``append``: a resumed run continues
+    it; the server adds Flower's log there), Ray workers' lines only there unless ``workers``;
+    Flower's console output at ``level``. An exception leaving the block leaves its traceback
+    in the file (the console gets it from Python as usual)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flower_console_level(level)
-    with open(path, "a", buffering=1) as log:
+    with open(path, "a" if append else "w", buffering=1) as log:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log, workers), _Tee(err, log, workers)
         try:
             yield
+        except BaseException:
+            for stream in (sys.stdout, sys.stderr):
+                stream.close_line()
+            log.write(traceback.format_exc())
+            raise
         finally:
             for stream in (sys.stdout, sys.stderr):
                 stream.close_line()

@@ -196,9 +196,12 @@ def local_superlinks(control_port: str | None = None) -> list[int]:
     ``flower-superlink`` processes with ``--simulation`` and the local Control API address.
     A deployed SuperLink (no ``--simulation``) is never one of them."""
     port = control_port or os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", LOCAL_CONTROL_PORT)
-    listing = subprocess.run(
-        ["ps", "-axo", "pid=,command="], capture_output=True, text=True, check=False
-    ).stdout
+    try:
+        listing = subprocess.run(
+            ["ps", "-axo", "pid=,command="], capture_output=True, text=True, check=False
+        ).stdout
+    except FileNotFoundError:
+        raise FedwsError("ps is not installed: cannot find the local SuperLink") from None
     pids = []
     for line in listing.splitlines():
         pid, _, command = line.strip().partition(" ")
@@ -215,8 +218,14 @@ def local_superlinks(control_port: str | None = None) -> list[int]:
 def stop_pids(pids: list[int], grace_s: float = 10.0) -> None:
     """SIGTERM each process; SIGKILL what still runs after ``grace_s``."""
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise FedwsError(
+                f"process {pid} belongs to another user: stop it as that user"
+            ) from None
     deadline = time.monotonic() + grace_s
     for pid in pids:
         while time.monotonic() < deadline and _alive(pid):

@@ -4,7 +4,6 @@ and a one-screen summary at the end."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from app.config import Config
 from app.errors import FedwsError
 from app.learn import runtime
 from app.rundir import RunDir
-from app.tools.console import flower_console_level
+from app.tools.console import console_stream, flower_console_level
 from app.tools.run_report import write_diagnostics
 from app.tools.simulation import run_simulation
 from server.server_app import make_server_app, resume_point
@@ -63,7 +62,7 @@ def run(
         desc="rounds",
         unit="round",
         disable=not progress,
-        file=sys.stderr,
+        file=console_stream(),
         dynamic_ncols=True,
     )
 

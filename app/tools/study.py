@@ -47,6 +47,7 @@ from app import rundir
 from app.config import Config, apply_overrides, build, dump_config, load_config, read_yaml
 from app.errors import ConfigError
 from app.rundir import RunDir, StudyDir
+from app.tools.console import console_stream
 from app.tools.simulation import run_simulation
 from server.server_app import run_federation
 
@@ -310,7 +311,9 @@ def run_study(
     # With several cells at once, each cell's Ray gets its share of the cores.
     ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
     start, done, running = time.time(), [0], []
-    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(todo), desc="cells", unit="cell", disable=not progress, file=console_stream()
+    )
     say = bar.write if progress else echo
     lock = threading.Lock()
 

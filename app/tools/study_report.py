@@ -550,7 +550,7 @@ def write_report(out: Path) -> Path:
         md += _paired_section(in_col, None, "per-domain accuracy", True, base)
     md += why_section(out, cells, figures)
     if done:
-        fedbn = {c.row for c in done if c.config and c.config.federation.strategy == "fedbn"}
+        fedbn = {c.row for c in done if c.config and c.config.server_model_untrained}
         curves = plots.accuracy_curves(
             {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},
             figures / "accuracy_vs_round.png",

@@ -64,6 +64,9 @@ def test_tensorboard_gets_the_same_scalars(tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"test_accuracy", "train_loss", "diagnostics/update_cosine"} <= set(tags)
     assert [e.step for e in acc.Scalars("test_accuracy")] == [0, 1]
+    # and the config as hparams (TensorBoard's HParams plugin data)
+    assert b"_hparams_/session_start_info" in events.read_bytes()
+    assert b"data.partition.kind" in events.read_bytes()
 
 
 def test_a_missing_tracker_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -50,3 +50,11 @@ def test_compare_two_runs_names_what_differs_and_draws_them(tmp_path, capsys):
 def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_runs_of_the_same_name_are_told_apart_by_their_parents(tmp_path):
+    from app.tools.compare import _names
+
+    a, b = tmp_path / "sa" / "runs" / "c1", tmp_path / "sb" / "runs" / "c1"
+    assert _names([a, b]) == ["sa/runs/c1", "sb/runs/c1"]
+    assert _names([a, tmp_path / "x"]) == ["c1", "x"]

@@ -44,3 +44,25 @@ def test_teed_writes_the_file_and_restores_the_streams(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hello" in out and "after" in out and "Fatal" not in out
     assert not isinstance(sys.stdout, _Tee)
+
+
+def test_a_worker_line_after_a_progress_bar_redraw_stays_off_the_console(tmp_path, capsys):
+    # the bar draws on the terminal itself, past the tee; a worker's line still starts a line
+    path = tmp_path / "run.log"
+    with console.teed(path):
+        bar = console.console_stream()
+        bar.write("\rrounds:  10%|#")
+        bar.write("\rrounds:  50%|#####")
+        print(WORKER, file=sys.stderr)
+    err = capsys.readouterr().err
+    assert "rounds:  50%" in err and "Fatal Python error" not in err
+    assert path.read_text().splitlines() == [WORKER]
+
+
+def test_an_exception_leaves_its_traceback_in_the_log(tmp_path):
+    path = tmp_path / "run.log"
+    with pytest.raises(RuntimeError), console.teed(path):
+        print("before")
+        raise RuntimeError("the reason")
+    text = path.read_text()
+    assert text.startswith("before\n") and "RuntimeError: the reason" in text
