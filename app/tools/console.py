@@ -108,7 +108,11 @@ def teed(
     in the file (the console gets it from Python as usual)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flower_console_level(level)
-    with open(path, "a" if append else "w", buffering=1) as log:
+    if not append:
+        path.write_text("")
+    # appending (O_APPEND) even to a fresh file: the server's log handler writes to it too, and
+    # each write must land at the end rather than at this handle's own offset
+    with open(path, "a", buffering=1) as log:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log, workers), _Tee(err, log, workers)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import sys
 
 import pytest
@@ -66,3 +67,23 @@ def test_an_exception_leaves_its_traceback_in_the_log(tmp_path):
         raise RuntimeError("the reason")
     text = path.read_text()
     assert text.startswith("before\n") and "RuntimeError: the reason" in text
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_another_writer_of_the_log_is_never_overwritten(tmp_path, append):
+    # the server's logging handler appends Flower's log to the same file while the tee writes
+    path = tmp_path / "run.log"
+    path.write_text("an earlier run\n")
+    with console.teed(path, append=append):
+        print("first")
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("flwr: %(message)s"))
+        flwr = logging.getLogger("fedws.test.other_writer")
+        flwr.addHandler(handler)
+        flwr.warning("Starting FedAvg strategy")
+        flwr.removeHandler(handler)
+        handler.close()
+        print("last")
+    lines = path.read_text().splitlines()
+    earlier = ["an earlier run"] if append else []
+    assert lines == [*earlier, "first", "flwr: Starting FedAvg strategy", "last"]
