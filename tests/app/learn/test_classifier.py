@@ -47,12 +47,44 @@ def test_lightning_fit_learns_the_synthetic_task(shard_and_data):
         tensor_loader(shard.x_val, shard.y_val, 256),
     )
     metrics = trainer.callback_metrics
-    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(metrics)
+    assert {"train_loss", "val_loss", "val_acc"} <= set(metrics)
     assert metrics["val_acc"] > 0.5  # chance is 0.1
     (test,) = trainer.test(
         module, tensor_loader(ds.normalize(ds.x_test), ds.y_test, 256), verbose=False
     )
     assert test["test_acc"] > 0.5 and np.isfinite(test["test_loss"])
+
+
+class PerStepLogging(FedwsClassifier):
+    """The usual Lightning way: ``self.log(..., on_epoch=True)`` in every training step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_epochs": 1}, {"max_epochs": 3}, {"max_steps": 7, "max_epochs": -1}],
+    ids=["one epoch", "three epochs", "stops mid-epoch"],
+)
+def test_train_loss_is_lightnings_epoch_mean_bit_for_bit(shard_and_data, limits):
+    """train_loss, logged once per epoch, is exactly what per-step on_epoch logging gives
+    (the last epoch's batch-size-weighted mean), also when max_steps stops mid-epoch."""
+    cfg, ds, shard = shard_and_data
+    losses = []
+    for cls in (FedwsClassifier, PerStepLogging):
+        torch.manual_seed(0)
+        module = cls.from_config(cfg, ds.in_channels, ds.num_classes)
+        trainer = quiet_trainer(**limits)
+        trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 48, True, seed=3))
+        losses.append(trainer.callback_metrics["train_loss"])
+    assert losses[0].item() == losses[1].item()
 
 
 def test_checkpoint_reloads_the_same_model(shard_and_data, tmp_path):
