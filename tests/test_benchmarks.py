@@ -1,0 +1,109 @@
+"""The benchmark scripts' own logic: robust summaries, the GPU script's detection, settings,
+nvidia-smi parsing and its fit-only federation (run on the CPU here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu  # noqa: E402
+import measure  # noqa: E402
+
+from app.config import build  # noqa: E402
+from app.learn.runtime import dataset, new_module, round_seed, shard  # noqa: E402
+from app.learn.trainer import make_trainer, tensor_loader  # noqa: E402
+
+
+def test_summary_is_median_and_spread():
+    s = measure.summary([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert measure.spread_pct([9.0, 10.0, 11.0]) == pytest.approx(20.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_script_says_there_is_no_gpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert "no GPU" in proc.stdout and "nothing measured" in proc.stdout
+    assert '"gpu": null' in out.read_text()
+
+
+def test_parse_smi():
+    assert gpu.parse_smi("1234, 56") == (1234.0, 56.0)
+    assert gpu.parse_smi("[N/A], 3") is None
+    assert gpu.parse_smi("") is None
+
+
+def test_settings_cover_clients_per_gpu_and_precision():
+    runs, data = gpu.settings(3, [1, 4, 8], ["32-true", "bf16-mixed"], None)
+    quick = [r for r in runs if r.name.startswith("quickstart")]
+    assert [(r.per_gpu, r.precision) for r in quick] == [
+        (k, p) for p in ("32-true", "bf16-mixed") for k in (1, 4, 8)
+    ]
+    for r in quick:
+        assert r.config["simulation"]["num_gpus"] == pytest.approx(1 / r.per_gpu)
+        assert r.config["train"]["precision"] == r.precision
+        assert r.config["federation"]["rounds"] == 3
+        assert r.config["model"] == {"arch": "cnn", "norm": "ws_gn", "width": 16}
+    resnet = runs[-1]
+    assert resnet.config["model"]["arch"] == "resnet20" and resnet.per_gpu == 4
+    assert resnet.config["train"]["precision"] == "bf16-mixed"
+    if "synthetic" in data["resnet20"]:  # CIFAR-10 absent: its shape, augmented like it
+        synth = resnet.config["data"]["synthetic"]
+        assert (synth["train_size"], synth["image_size"], synth["channels"]) == (50000, 32, 3)
+        assert resnet.config["data"]["augment"] is True
+
+
+def test_fit_only_federation_is_fedavg_of_the_clients_fits():
+    """Its K worker processes train each client as a fedws client does (shard, seed, Trainer)
+    and the server averages them: the same global model as an in-process FedAvg."""
+    config = {
+        "seed": 0,
+        "data": {
+            "dataset": "synthetic",
+            "val_fraction": 0.0,
+            "synthetic": {"train_size": 400, "test_size": 200, "image_size": 16},
+            "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 4},
+        },
+        "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
+        "train": {"batch_size": 32},
+        "federation": {"rounds": 2},
+    }
+    r = gpu.run_fit_only(gpu.Setting("tiny", config, per_gpu=2, precision="32-true"), "cpu")
+    assert r["s_per_round"] > 0 and r["fit_s_sum_per_round"] > 0
+    assert r["gpu_mem_peak_mib"] is None  # no nvidia-smi here: nothing claimed
+
+    cfg = build(config)
+    ds = dataset(cfg.data)
+    server = new_module(cfg, ds)
+    state = server.model.state_dict()
+    for rnd in (1, 2):
+        replies = []
+        for c in range(4):
+            module = new_module(cfg, ds)
+            module.model.load_state_dict(state)
+            s, seed = shard(cfg.data, c), round_seed(cfg, rnd, c)
+            torch.manual_seed(seed)
+            loader = tensor_loader(s.x_train, s.y_train, 32, True, seed)
+            make_trainer(cfg, max_epochs=1).fit(module, loader)
+            replies.append((s.num_train, module.model.state_dict()))
+        total = sum(n for n, _ in replies)
+        state = {k: sum(w[k].float() * (n / total) for n, w in replies) for k in state}
+    server.model.load_state_dict(state)
+    loader = tensor_loader(ds.normalize(ds.x_test), ds.y_test, 256)
+    (metrics,) = make_trainer(cfg).test(server, loader, verbose=False)
+    assert r["final_loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+    assert r["final_accuracy"] == pytest.approx(metrics["test_acc"])
