@@ -10,8 +10,11 @@ run as ``fedws study`` two ways, side by side and interleaved in one invocation:
 
 Per mode, the median over the repeats (and the spread): ``study_wall_s`` (the whole command),
 ``cells_round_s_sum`` (the sum of every cell's round times, metrics.csv ``round_s`` of rounds
-1-3) and ``startup_s_per_cell`` = (wall - round sum) / cells. Target: shared study wall <= 1.15 x
-its round sum on 2 cores.
+0-3; round 0 is the server's evaluation of the initial model) and ``startup_s_per_cell`` =
+(wall - round sum) / cells. Also ``round0_s_sum`` and ``runtime_start_in_round1_s``: how much
+longer the first cell's round 1 took than the other cells' (it waits for Ray and the client
+processes to start; the shared runtime pays it once, inside that round). Target: shared study
+wall <= 1.15 x its round sum on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,14 +57,24 @@ def one(mode: str, root: Path) -> dict[str, float]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{mode} study failed:\n{proc.stderr[-2000:]}")
-    rounds = 0.0
+    first = yaml.safe_load((out / rundir.STUDY).read_text())["cells"][0]["id"]
+    rounds = round0 = 0.0
+    round1: dict[str, float] = {}
     for cell in (out / "runs").iterdir():
         rows = rundir.read_csv(rundir.RunDir(cell).metrics)
-        rounds += sum(float(r["round_s"]) for r in rows if int(r["round"]) > 0)
+        rounds += sum(float(r["round_s"]) for r in rows)
+        round0 += sum(float(r["round_s"]) for r in rows if int(r["round"]) == 0)
+        round1[cell.name] = next(float(r["round_s"]) for r in rows if int(r["round"]) == 1)
+    others = [v for k, v in round1.items() if k != first]
     return {
         "study_wall_s": wall,
         "cells_round_s_sum": rounds,
         "startup_s_per_cell": (wall - rounds) / CELLS,
+        # round 0 is the initial model's server evaluation: work, counted in the round sum
+        "round0_s_sum": round0,
+        # the first round of the first cell waits for the runtime's start (Ray, the client
+        # processes' imports and data), the other cells' first rounds do not
+        "runtime_start_in_round1_s": round1[first] - statistics.median(others),
     }
 
 
@@ -92,16 +106,19 @@ def main() -> None:
     out["startup_s_per_cell"] = shared["startup_s_per_cell"]["median"]
     out["ratio_wall_to_rounds"] = ratio
     iso = out["isolated"]
-    print(f"{'mode':<10} {'study wall s':>13} {'round sum s':>12} {'start-up s/cell':>16}")
+    # the stricter reading: the runtime's start, paid inside the first round, as start-up
+    start = shared["runtime_start_in_round1_s"]["median"]
+    out["ratio_runtime_start_as_startup"] = out["study_wall_s"] / (out["cells_round_s_sum"] - start)
+    keys = ("study_wall_s", "cells_round_s_sum", "round0_s_sum", "runtime_start_in_round1_s")
+    keys += ("startup_s_per_cell",)
+    print(f"{'mode':<10}" + "".join(f" {k:>26}" for k in keys))
     for mode in samples:
         m = out[mode]
-        print(
-            f"{mode:<10} {m['study_wall_s']['median']:>13.1f} "
-            f"{m['cells_round_s_sum']['median']:>12.1f} {m['startup_s_per_cell']['median']:>16.2f}"
-        )
+        print(f"{mode:<10}" + "".join(f" {m[k]['median']:>26.2f}" for k in keys))
     print(
-        f"shared: wall / round sum = {ratio:.3f} (target <= 1.15); isolated: "
-        f"{iso['study_wall_s']['median'] / iso['cells_round_s_sum']['median']:.3f}"
+        f"shared: wall / round sum = {ratio:.3f} (target <= 1.15), "
+        f"{out['ratio_runtime_start_as_startup']:.3f} with the runtime's start as start-up; "
+        f"isolated: {iso['study_wall_s']['median'] / iso['cells_round_s_sum']['median']:.3f}"
     )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -225,7 +225,8 @@ def _federate(
             "clients_rejected": replies.rejected,
             "eval_ok": len(replies.evaluate),
             "eval_failed": replies.eval_failed,
-            "round_s": round(now - clock[0], 4) if step else 0.0,
+            # seconds since the previous row; round 0: the initial model's evaluation
+            "round_s": round(now - clock[0], 4),
         }
         clock[0] = now
         diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
