@@ -201,7 +201,10 @@ def _floor_worker(config: dict, tasks, results) -> None:
         start = time.perf_counter()
         _local_steps(model, s, cfg, server_round)
         fit = time.perf_counter() - start
-        results.put((client, s.num_train, model.state_dict(), fit))
+        # copies: the queue shares a tensor's memory with the receiver, and this model's own
+        # tensors change with the next fit before the server averages them
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        results.put((client, s.num_train, state, fit))
 
 
 class Floor:

@@ -1,5 +1,5 @@
 """The benchmark scripts' own logic: robust summaries, the GPU script's detection, settings,
-nvidia-smi parsing and its fit-only federation (run on the CPU here)."""
+nvidia-smi parsing and its fit-only federation (run on the CPU here), the federation floor."""
 
 from __future__ import annotations
 
@@ -107,3 +107,36 @@ def test_fit_only_federation_is_fedavg_of_the_clients_fits():
     (metrics,) = make_trainer(cfg).test(server, loader, verbose=False)
     assert r["final_loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
     assert r["final_accuracy"] == pytest.approx(metrics["test_acc"])
+
+
+def test_the_federation_floor_averages_what_its_workers_trained():
+    """The floor's worker processes send each client's weights back as they were after that
+    client's fit (not as the worker's model is later): the same global model as the floor run
+    in one process, up to the float sums of a different thread count."""
+    import federation
+
+    cfg = build(
+        {
+            "seed": 0,
+            "data": {
+                "dataset": "synthetic",
+                "val_fraction": 0.0,
+                "synthetic": {"train_size": 600, "test_size": 200, "image_size": 16},
+                "partition": {"kind": "iid", "num_clients": federation.CLIENTS},
+            },
+            "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
+            "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "train": {"batch_size": 16},
+            "federation": {"rounds": 2},
+        }
+    )
+    models = []
+    for processes in (2, 0):
+        floor = federation.Floor(cfg, processes)
+        try:
+            floor.run()
+        finally:
+            floor.close()
+        models.append(floor.model.state_dict())
+    for key, value in models[0].items():
+        torch.testing.assert_close(value, models[1][key], rtol=1e-4, atol=1e-5, msg=key)
