@@ -9,8 +9,9 @@
     global test here with P threads; no Flower, no Lightning;
 (b1) the floor in one process with P threads (clients one after the other), laid out as (a2);
 (c) the peer pattern of Flower's quickstart-pytorch-lightning example: per client and round a
-    new Lightning Trainer (default logger and checkpointing) over a DataLoader of a Hugging Face
-    ``datasets.Dataset`` with a per-sample transform and worker processes, in one process.
+    new Lightning Trainer (default logger and checkpointing, the loss logged every step) over
+    a DataLoader of a Hugging Face ``datasets.Dataset`` with a per-sample transform and worker
+    processes, in one process.
 
 Workload: 10 clients, 5 rounds, ``cnn`` + ``ws_gn``, IID shards of 600 training samples of
 Fashion-MNIST (synthetic data of the same shape if the Debian package is absent), 1 local epoch,
@@ -298,6 +299,15 @@ def run_peer(cfg: Config, workers: int) -> dict:
 
     from app.learn.classifier import FedwsClassifier
 
+    class PeerClassifier(FedwsClassifier):
+        """The example's LightningModule logs its training loss at every step."""
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
     ds = dataset(cfg.data)
     mean, std = (t.item() for t in ds.channel_stats())
     parts = partitions(cfg.data)
@@ -327,7 +337,7 @@ def run_peer(cfg: Config, workers: int) -> dict:
             start = time.perf_counter()
             states = []
             for data in client_sets:
-                local = FedwsClassifier(**module.hparams)
+                local = PeerClassifier(**module.hparams)
                 local.load_state_dict(global_state)
                 loader = DataLoader(
                     data, batch_size=32, shuffle=True, num_workers=workers, collate_fn=collate

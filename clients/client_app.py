@@ -99,7 +99,9 @@ def _newest_state(
     (0, None) when it has none (it never trained)."""
     if LOCAL_STATE_KEY in context.state:  # this process's, if of this run (a study shares
         held = context.state[LOCAL_ROUND_KEY]  # its client processes between its runs)
-        if held["run"] == store.run_key and int(held["round"]) < before_round:
+        if held["run"] != store.run_key:  # an earlier run's: never used, never carried on
+            del context.state[LOCAL_STATE_KEY], context.state[LOCAL_ROUND_KEY]
+        elif int(held["round"]) < before_round:
             return int(held["round"]), context.state[LOCAL_STATE_KEY].to_torch_state_dict()
     saved = store.load(before_round)
     if saved is None:

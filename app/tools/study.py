@@ -45,9 +45,10 @@ from tqdm.auto import tqdm
 
 from app import rundir
 from app.config import Config, apply_overrides, build, dump_config, load_config, read_yaml
-from app.errors import ConfigError
+from app.errors import ConfigError, FedwsError
 from app.rundir import RunDir, StudyDir
 from app.tools.console import console_stream
+from app.tools.run import attach_report, preflight
 from app.tools.simulation import run_simulation
 from server.server_app import run_federation
 
@@ -241,36 +242,81 @@ def run_shared(
     folder: StudyDir,
     started: Callable[[Cell], Any],
     finished: Callable[[Cell, str], Any],
+    echo: Callable[[str], Any] = print,
 ) -> None:
     """Run ``cells`` one after the other inside one Flower simulation per group of cells that
     share its nodes (client count and resources): one Ray runtime and one pool of client
     processes, with their imports and datasets, for the whole group instead of one per cell.
-    Each cell is ``run_federation`` on the shared grid, exactly as ``fedws run`` runs it."""
+    Each cell is ``run_federation`` on the shared grid, exactly as ``fedws run`` runs it
+    (the same preflight, and the MLflow report afterwards). After a cell in which a client
+    failed (or the cell failed), the group's next cells start in a fresh runtime: a failed
+    client may have left its process dead, and Flower would keep handing it messages."""
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
         groups.setdefault(_runtime_key(cell.config), []).append(cell)
     for group in groups.values():
-        server_app = ServerApp()
+        todo = list(group)
+        while todo:
+            before = len(todo)
+            server_app = ServerApp()
 
-        @server_app.main()
-        def main(grid: Grid, context: Context, group: list[Cell] = group) -> None:
-            def launch(config: Path, out: Path, _ray_cpus: int | None) -> str | None:
-                run_federation(grid, load_config(config), out)
-                return None
+            @server_app.main()
+            def main(grid: Grid, context: Context, todo: list[Cell] = todo) -> None:
+                while todo:
+                    cell = todo.pop(0)
+                    out = folder.run(cell.id).path
+                    started(cell)
+                    finished(cell, run_cell(cell, out, None, _in_runtime(grid)))
+                    if todo and _troubled(folder.run(cell.id)):
+                        echo(
+                            f"{cell.id}: a client or the cell failed; the next cells start "
+                            "in a fresh simulation runtime"
+                        )
+                        return
 
-            for cell in group:
-                started(cell)
-                finished(cell, run_cell(cell, folder.run(cell.id).path, None, launch))
+            sim = todo[0].config.simulation
+            run_simulation(
+                server_app,
+                num_clients=todo[0].config.data.partition.num_clients,
+                num_cpus=sim.num_cpus,
+                num_gpus=sim.num_gpus,
+                ray_num_cpus=sim.ray_num_cpus,
+                ray_address=sim.ray_address,
+            )
+            if len(todo) == before:
+                raise FedwsError(
+                    f"the simulation runtime ended before running cell {todo[0].id}: "
+                    "see OUT/study.log"
+                )
 
-        sim = group[0].config.simulation
-        run_simulation(
-            server_app,
-            num_clients=group[0].config.data.partition.num_clients,
-            num_cpus=sim.num_cpus,
-            num_gpus=sim.num_gpus,
-            ray_num_cpus=sim.ray_num_cpus,
-            ray_address=sim.ray_address,
-        )
+
+def _in_runtime(grid: Grid) -> Launcher:
+    """A cell as ``fedws run`` runs it, on ``grid`` instead of a runtime of its own."""
+
+    def launch(config: Path, out: Path, _ray_cpus: int | None) -> str | None:
+        cfg = load_config(config)
+        preflight(cfg, out)
+        run = RunDir(out)
+        run.run_log.unlink(missing_ok=True)  # a rerun of a failed cell starts its log anew
+        run_federation(grid, cfg, out)
+        summary = rundir.read_summary(run)
+        if summary is None:
+            return f"the run ended without writing {run.summary}"
+        attach_report(out, summary)
+        return None
+
+    return launch
+
+
+def _troubled(run: RunDir) -> bool:
+    """Whether a finished cell had a failed client (training or evaluation) or failed."""
+    if rundir.run_status(run) not in rundir.FINISHED:
+        return True
+    try:
+        rows = rundir.read_csv(run.metrics)
+    except OSError:
+        return True
+    return any(float(r["clients_failed"] or 0) or float(r["eval_failed"] or 0) for r in rows)
 
 
 def run_study(
@@ -337,7 +383,7 @@ def run_study(
 
     try:
         if launch is None and parallel == 1 and not isolated and todo:
-            run_shared(todo, folder, started, finished)
+            run_shared(todo, folder, started, finished, echo=say)
         else:
             launch = launch or launch_subprocess
             with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:

@@ -123,6 +123,12 @@ def test_fedbn_keeps_batchnorm_on_the_client_across_rounds():
     other = app(message(cfg, arrays, MessageType.EVALUATE, rnd=2, run="other"), context(cfg))
     assert other.content["metrics"]["local-state-round"] == 0
     assert math.isnan(other.content["metrics"]["val_accuracy"])
+    # a process that served the earlier run (a study's shared client processes) drops its
+    # state there and then: never used by the other run, never shipped with its messages
+    assert LOCAL_STATE_KEY in ctx.state
+    other = app(message(cfg, arrays, MessageType.EVALUATE, rnd=2, run="other"), ctx)
+    assert other.content["metrics"]["local-state-round"] == 0
+    assert LOCAL_STATE_KEY not in ctx.state
 
 
 def test_a_client_keeps_its_latest_state_on_its_nodes_disk(tmp_path):

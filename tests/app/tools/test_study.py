@@ -143,6 +143,48 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
     assert f"`{bad}`: RuntimeError: injected failure" in (out / "report.md").read_text()
 
 
+def test_after_a_failed_client_the_next_cells_start_in_a_fresh_runtime(tmp_path, monkeypatch):
+    """The shared runtime (here a Grid in this process per runtime start) serves cells until
+    one has a failed client: its process may be dead, so the next cells get a fresh runtime.
+    Every cell still runs once, as ``fedws run`` would (its run.log, its summary)."""
+    from app.tools import study as study_module
+
+    starts: list[list[str]] = []
+
+    def fake_run_simulation(server_app, num_clients, **_):
+        starts.append([])
+        server_app._main(InProcessGrid(client_app, num_clients), None)
+
+    def started(cell):
+        starts[-1].append(cell.id)
+
+    monkeypatch.setattr(study_module, "run_simulation", fake_run_simulation)
+    grid = {"model.norm": ["bn", "ws_gn"], "faults.fail_clients": [[], [0]]}
+    study = load_study(write_study(tmp_path, {"grid": grid}))
+    out, said = tmp_path / "out", []
+    folder = study_module.StudyDir(out)
+    study_module.run_shared(study.cells, folder, started, lambda c, s: None, echo=said.append)
+    ids = [c.id for c in study.cells]
+    # cells 2 and 4 have a failing client: a fresh start after 2; none needed after the last
+    assert starts == [ids[:2], ids[2:4]]
+    assert len(said) == 1 and ids[1] in said[0] and "fresh simulation runtime" in said[0]
+    for cell in ids:
+        run = folder.run(cell)
+        assert json.loads(run.summary.read_text())["status"] == "completed"
+        assert "Starting RecordingFedAvg strategy" in run.run_log.read_text()
+
+
+def test_a_runtime_that_runs_no_cell_is_an_error_not_a_loop(tmp_path, monkeypatch):
+    from app.errors import FedwsError
+    from app.tools import study as study_module
+
+    monkeypatch.setattr(study_module, "run_simulation", lambda server_app, **_: None)
+    study = load_study(write_study(tmp_path, GRID))
+    folder = study_module.StudyDir(tmp_path / "out")
+    with pytest.raises(FedwsError, match="ended before running cell"):
+        study_module.run_shared(study.cells, folder, lambda c: None, lambda c, s: None)
+
+
 def test_a_diverged_cell_is_a_result_shown_as_such_and_not_run_again(tmp_path):
     study = load_study(
         write_study(
