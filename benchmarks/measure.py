@@ -25,15 +25,20 @@ def spread_pct(values: list[float]) -> float:
     return 100 * (max(values) - min(values)) / statistics.median(values)
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of one process in MB; PSS counts a page shared by n processes as 1/n, so
+    the PSS of a process tree adds up to the memory it really holds."""
+    rss = pss = 0.0
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return rss, pss
 
 
 def _children() -> dict[int, list[int]]:
@@ -50,19 +55,23 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss_mb(root: int) -> float:
-    """RSS of ``root`` and all its descendants (Ray's raylet, GCS and workers included)."""
-    kids, total, todo = _children(), 0.0, [root]
+def tree_memory_mb(root: int) -> tuple[float, float]:
+    """(RSS, PSS) of ``root`` and all its descendants (Ray's raylet, GCS and workers
+    included): the RSS sum counts shared pages (torch's libraries, Ray's object store) once
+    per process, the PSS sum once."""
+    kids, rss, pss, todo = _children(), 0.0, 0.0, [root]
     while todo:
         pid = todo.pop()
-        total += rss_mb(pid)
+        r, p = memory_mb(pid)
+        rss, pss = rss + r, pss + p
         todo += kids.get(pid, [])
-    return total
+    return rss, pss
 
 
-def run_with_peak_rss(command: list[str], cwd: Path, log: Path, poll_s: float = 0.5):
-    """Run ``command``; return (exit code, wall seconds, peak RSS of its process tree in MB)."""
-    peak = [0.0]
+def run_with_peak_memory(command: list[str], cwd: Path, log: Path, poll_s: float = 0.5):
+    """Run ``command``; return (exit code, wall seconds, peak RSS sum, peak PSS sum of its
+    process tree in MB)."""
+    peak = [0.0, 0.0]
     with open(log, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -70,7 +79,8 @@ def run_with_peak_rss(command: list[str], cwd: Path, log: Path, poll_s: float = 
 
         def watch() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+                rss, pss = tree_memory_mb(proc.pid)
+                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
                 done.wait(poll_s)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -79,4 +89,4 @@ def run_with_peak_rss(command: list[str], cwd: Path, log: Path, poll_s: float = 
         wall = time.perf_counter() - start
         done.set()
         watcher.join()
-    return code, wall, peak[0]
+    return code, wall, peak[0], peak[1]
