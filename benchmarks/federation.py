@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import pickle
+import queue
 import statistics
 import tempfile
 import time
@@ -366,6 +367,33 @@ def run_peer(cfg: Config, workers: int) -> dict:
     }
 
 
+def _peer_child(config: dict, workers: int, results) -> None:
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)  # Linux's default, as for a user
+    quiet_lightning()
+    warnings.filterwarnings("ignore")
+    results.put(run_peer(build(config), workers))
+
+
+def run_peer_apart(cfg: Config, workers: int) -> dict:
+    """(c) in a fresh process, as a user runs the example: its DataLoader workers fork from a
+    process that never hosted Ray's threads (forking one that did can crash a worker)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_peer_child, args=(_plain(cfg), workers, results))
+    child.start()
+    try:
+        while True:
+            try:
+                return results.get(timeout=5)
+            except queue.Empty:
+                if not child.is_alive():
+                    raise RuntimeError(f"(c) ended with exit code {child.exitcode}") from None
+    finally:
+        child.join()
+
+
 # --- a client message's steps besides its compute ----------------------------------------------
 
 
@@ -478,7 +506,7 @@ def main() -> None:
                 runs[key].append(floor.run())
             finally:
                 floor.close()
-        runs["c"].append(run_peer(cfg, args.peer_workers))
+        runs["c"].append(run_peer_apart(cfg, args.peer_workers))
         print(
             f"[{repeat + 1}/{args.repeats}] s/round "
             + ", ".join(f"{k} {median(v[-1]['round_s']):.3f}" for k, v in runs.items()),

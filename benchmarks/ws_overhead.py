@@ -2,10 +2,10 @@
 
 Train mode: forward + backward (the standardization is recomputed and differentiated every
 step). Eval mode: forward under ``torch.inference_mode`` (the standardized weight is cached).
-Both layers are timed side by side in this one process: each sample times many calls (about
-0.2 s), the two layers' samples alternate (conv, WS, WS, conv, ...) so a drift in machine load
-hits both alike, and a shape's ratio is the median over the repeats of the ratio within each
-pair of neighbouring samples, with its spread (min, max).
+Both layers are timed side by side in this one process: a sample gives each layer about 0.3 s
+of calls, in blocks of about 20 ms that alternate between the layers (ABBA order), so a change
+in machine load within the sample hits both alike; a shape's ratio is the median over the
+samples of WS time / conv time within each sample, with its spread (min, max).
 
     python benchmarks/ws_overhead.py [--json PATH] [--repeats N]
 
@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 from app.nn.layers import WSConv2d
+
+SAMPLE_S = 0.3  # seconds of each side per sample
+BLOCK_S = 0.02  # the sides alternate at this grain within a sample
 
 # (in channels, out channels, spatial size, batch)
 SHAPES = [
@@ -66,21 +69,24 @@ def measure(cin: int, cout: int, size: int, batch: int, repeats: int) -> dict[st
 
         return step
 
-    # enough iterations for ~0.2 s per timing
-    conv.train(), ws.train()
-    probe = _time(train_step(conv), 3)
-    iters = max(3, int(0.2 / max(probe, 1e-6)))
     results = {}
     for mode, make in (("train", train_step), ("eval", eval_step)):
         conv.train(mode == "train"), ws.train(mode == "train")
-        make(conv)(), make(ws)()  # warm-up (and the eval cache)
-        base, std = [], []
-        for i in range(repeats):  # ABBA order: a linear drift in load hits both sides alike
-            first, second = (conv, ws) if i % 2 == 0 else (ws, conv)
-            a, b = _time(make(first), iters), _time(make(second), iters)
-            base.append(a if first is conv else b)
-            std.append(b if first is conv else a)
-        ratios = [s / b for s, b in zip(std, base, strict=True)]
+        steps = {"conv": make(conv), "ws": make(ws)}
+        for step in steps.values():  # warm-up (and the eval cache)
+            _time(step, 3)
+        per_call = _time(steps["conv"], 5)
+        block = max(1, round(BLOCK_S / per_call))  # calls per block
+        blocks = max(2, 2 * round(SAMPLE_S / (2 * block * per_call)))  # blocks per sample
+        base, std, ratios = [], [], []
+        for r in range(repeats):
+            spent = {"conv": 0.0, "ws": 0.0}
+            for j in range(blocks):  # the sides alternate block by block, in ABBA order
+                for side in ("conv", "ws") if (j + r) % 2 == 0 else ("ws", "conv"):
+                    spent[side] += _time(steps[side], block) * block
+            base.append(spent["conv"] / (blocks * block))
+            std.append(spent["ws"] / (blocks * block))
+            ratios.append(spent["ws"] / spent["conv"])
         results[f"{mode}_conv_ms"] = 1000 * statistics.median(base)
         results[f"{mode}_ws_ms"] = 1000 * statistics.median(std)
         results[f"{mode}_ratio"] = statistics.median(ratios)
@@ -91,7 +97,7 @@ def measure(cin: int, cout: int, size: int, batch: int, repeats: int) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
 
     rows = []
