@@ -25,7 +25,7 @@ def spread_pct(values: list[float]) -> float:
     return 100 * (max(values) - min(values)) / statistics.median(values)
 
 
-def memory_mb(pid: int) -> tuple[float, float]:
+def memory_mb(pid: int | str) -> tuple[float, float]:
     """(RSS, PSS) of one process in MB; PSS counts a page shared by n processes as 1/n, so
     the PSS of a process tree adds up to the memory it really holds."""
     rss = pss = 0.0

@@ -21,16 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from measure import memory_mb
+
 from app.config import build
 from app.learn.runtime import partitions
-
-
-def rss_mb(pid: int | str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def client_processes() -> list[int]:
@@ -72,8 +66,8 @@ def main() -> None:
         if r in (5, args.rounds) or r % 10 == 0:
             clients = client_processes()
             samples[r] = {
-                "server": rss_mb("self"),
-                "clients": sum(rss_mb(p) for p in clients) / max(1, len(clients)),
+                "server": memory_mb("self")[0],
+                "clients": sum(memory_mb(p)[0] for p in clients) / max(1, len(clients)),
                 "n_clients": len(clients),
             }
             print(

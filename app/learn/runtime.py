@@ -75,7 +75,7 @@ class _ShardCache:
             self.entries.move_to_end(key)
             return self.entries[key][0]
         value = build()
-        nbytes = sum(t.numel() * t.element_size() for t in (value.x_train, value.x_val))
+        nbytes = _nbytes(value)
         self.entries[key] = (value, nbytes)
         self.size += nbytes
         while self.size > self.budget and len(self.entries) > 1:
@@ -83,9 +83,10 @@ class _ShardCache:
             self.size -= freed
         return value
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.size = 0
+
+def _nbytes(local: ClientShard) -> int:
+    """The bytes of a shard's images."""
+    return sum(t.numel() * t.element_size() for t in (local.x_train, local.x_val))
 
 
 _shards = _ShardCache(SHARD_CACHE_BYTES)
@@ -121,7 +122,7 @@ _on_device = _ShardCache(SHARD_CACHE_BYTES)  # device copies, with a budget of t
 
 
 def _moved(local: ClientShard, device: str) -> ClientShard:
-    size = sum(t.numel() * t.element_size() for t in (local.x_train, local.x_val))
+    size = _nbytes(local)
     if device.startswith("cuda") and size > torch.cuda.mem_get_info(torch.device(device))[0] / 4:
         return local  # too large: Lightning copies each batch instead
     move = {f: getattr(local, f).to(device) for f in ("x_train", "y_train", "x_val", "y_val")}

@@ -264,10 +264,10 @@ def run_shared(
             def main(grid: Grid, context: Context, todo: list[Cell] = todo) -> None:
                 while todo:
                     cell = todo.pop(0)
-                    out = folder.run(cell.id).path
+                    run = folder.run(cell.id)
                     started(cell)
-                    finished(cell, run_cell(cell, out, None, _in_runtime(grid)))
-                    if todo and _troubled(folder.run(cell.id)):
+                    finished(cell, run_cell(cell, run.path, None, _in_runtime(grid)))
+                    if todo and _troubled(run):
                         echo(
                             f"{cell.id}: a client or the cell failed; the next cells start "
                             "in a fresh simulation runtime"
@@ -312,10 +312,7 @@ def _troubled(run: RunDir) -> bool:
     """Whether a finished cell had a failed client (training or evaluation) or failed."""
     if rundir.run_status(run) not in rundir.FINISHED:
         return True
-    try:
-        rows = rundir.read_csv(run.metrics)
-    except OSError:
-        return True
+    rows = rundir.read_csv(run.metrics)
     return any(float(r["clients_failed"] or 0) or float(r["eval_failed"] or 0) for r in rows)
 
 

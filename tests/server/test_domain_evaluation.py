@@ -3,9 +3,7 @@ client of that domain would use (in-process grid)."""
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from helpers import InProcessGrid, set_task_identity, small_config
 from app.learn.runtime import dataset, domain_test, domains, new_module
 from app.learn.state import load_partial, state_policy
 from app.learn.trainer import make_trainer, tensor_loader
+from app.rundir import read_csv
 from clients.client_app import app as client_app
 from clients.local_state import LocalStateStore, default_root
 from server.evaluation import GlobalEvaluator
@@ -25,11 +24,6 @@ DOMAINS = "data.partition={kind: domains, num_clients: 4, domains: [identity, in
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     set_task_identity(monkeypatch)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_a_shared_model_is_scored_by_the_server_on_each_domain(tmp_path):
