@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -23,8 +24,9 @@ from app.errors import ConfigError
 # The names a config may use. Plain tuples, so that reading a config never imports torch; the
 # registries (``app.nn.models.MODELS``, ``app.nn.norms``) are keyed by exactly these names
 # (a test checks they agree).
-ARCHS = ("cnn", "resnet20")
-NORMS = ("bn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se")
+ARCHS = ("cnn", "resnet20", "simple_cnn")
+NORMS = ("none", "bn", "fixbn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se")
+CROP_PADDINGS = ("zeros", "reflect")  # how augmentation pads before its random crop
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hf", "synthetic")
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "imagefolder")  # natural images
 PARTITIONS = (
@@ -48,6 +50,16 @@ SERVER_OPTIMIZER_SETTINGS = {
     "fedadam": ("eta", "beta_1", "beta_2", "tau"),
     "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
     "fedadagrad": ("eta", "tau"),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedprox": ("proximal_mu",),
+}
+# the partition settings each kind uses (a setting another kind would ignore is refused)
+PARTITION_SETTINGS = {
+    "alpha": ("dirichlet", "quantity", "domains"),
+    "balanced": ("dirichlet", "domains"),
+    "classes_per_client": ("pathological",),
+    "shards_per_client": ("shards",),
+    "min_partition_size": ("dirichlet", "quantity", "domains"),
 }
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
@@ -87,11 +99,18 @@ class PartitionConfig:
     # Dirichlet concentration: label skew (dirichlet; domains: inside each domain, only when
     # given) or client sizes (quantity); null: 0.5 for dirichlet and quantity
     alpha: float | None = None
-    classes_per_client: int = 2  # pathological
-    shards_per_client: int = 2  # shards
-    min_partition_size: int = 10  # dirichlet / quantity: smallest client accepted
-    seed: int = 0  # partition seed, separate from the training seed
-    feature: FeatureSkewConfig = field(default_factory=FeatureSkewConfig)
+    # dirichlet: NIID-Bench's balancing step (a client already holding the mean client size
+    # gets no more samples of the next classes); false: the unbalanced draw
+    balanced: bool | None = None
+    classes_per_client: int | None = None  # pathological (#C=k); null: 2
+    shards_per_client: int | None = None  # shards; null: 2
+    # dirichlet / quantity: the draw repeats until every client holds this many; null: 10
+    min_partition_size: int | None = None
+    # seed of every draw from the data (partition, subsets, train/val split, synthetic data);
+    # null: the run's ``seed`` (resolved when the run's config is built), so seeds vary the
+    # partition too; a number pins the data draws alone
+    seed: int | None = None
+    feature: FeatureSkewConfig | None = None  # feature: the per-client shifts; null: defaults
     # domains: the image style of each domain; client i belongs to domain i mod K. Empty for
     # an imagefolder tree of domain folders (train/<domain>/<class>/...): the folders are them
     domains: tuple[str, ...] = ()
@@ -102,9 +121,44 @@ class PartitionConfig:
         """``alpha``, or its default 0.5 when null."""
         return DEFAULT_ALPHA if self.alpha is None else self.alpha
 
+    @property
+    def is_balanced(self) -> bool:
+        """Dirichlet draws: NIID-Bench's balancing step on (the default) or off."""
+        return self.balanced is not False
+
+    @property
+    def classes(self) -> int:
+        """#C=k: the classes per client (``classes_per_client``, default 2)."""
+        return 2 if self.classes_per_client is None else self.classes_per_client
+
+    @property
+    def shards(self) -> int:
+        return 2 if self.shards_per_client is None else self.shards_per_client
+
+    @property
+    def min_size(self) -> int:
+        """The smallest client a Dirichlet or quantity draw accepts (NIID-Bench: 10)."""
+        return 10 if self.min_partition_size is None else self.min_partition_size
+
+    @property
+    def shifts(self) -> FeatureSkewConfig:
+        return FeatureSkewConfig() if self.feature is None else self.feature
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data draws; a partition outside a built run config must name it."""
+        if self.seed is None:
+            raise ValueError("data.partition.seed is unresolved: build the run's Config first")
+        return self.seed
+
     def __post_init__(self) -> None:
         _one_of(self.kind, PARTITIONS, "kind")
-        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(self.seed is None or self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(
+            self.kind != "domains" or self.alpha is not None or self.balanced is None,
+            "balanced",
+            "with kind domains only when alpha is given (label skew inside each domain)",
+        )
         _check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
         _check(
             self.alpha is None or self.alpha > 0, "alpha", f"must be > 0 or null, got {self.alpha}"
@@ -126,20 +180,19 @@ class PartitionConfig:
             "by",
             "kind natural needs by: <column> (e.g. writer), and only it takes one",
         )
+        for name in ("classes_per_client", "shards_per_client", "min_partition_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        for name, kinds in PARTITION_SETTINGS.items():
+            _check(
+                getattr(self, name) is None or self.kind in kinds,
+                name,
+                f"is not used by kind {self.kind} (only by {', '.join(kinds)}): remove it",
+            )
         _check(
-            self.classes_per_client >= 1,
-            "classes_per_client",
-            f"must be >= 1, got {self.classes_per_client}",
-        )
-        _check(
-            self.shards_per_client >= 1,
-            "shards_per_client",
-            f"must be >= 1, got {self.shards_per_client}",
-        )
-        _check(
-            self.min_partition_size >= 1,
-            "min_partition_size",
-            f"must be >= 1, got {self.min_partition_size}",
+            self.feature is None or self.kind == "feature",
+            "feature",
+            f"only for kind: feature, got kind {self.kind!r}: remove it",
         )
 
 
@@ -186,6 +239,12 @@ class DataConfig:
     # random crop (4-pixel padding) + horizontal flip of each training batch; null: on for
     # natural images (cifar10, cifar100, imagefolder), off for fashion_mnist and synthetic
     augment: bool | None = None
+    # augmentation's padding before the random crop: zeros (the channel mean of standardized
+    # inputs) or reflect (NIID-Bench's CIFAR-10 recipe)
+    crop_padding: str = "zeros"
+    # inputs standardized by the training split's channel mean and std; false: pixel values
+    # in [0, 1], as torchvision's ToTensor gives them (NIID-Bench feeds its models so)
+    standardize: bool = True
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     hf: HfConfig = field(default_factory=HfConfig)
@@ -197,6 +256,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.dataset, DATASETS, "dataset")
+        _one_of(self.crop_padding, CROP_PADDINGS, "crop_padding")
         _check(
             self.dataset != "hf" or self.hf.path is not None,
             "hf.path",
@@ -223,12 +283,31 @@ class ModelConfig:
     norm: str = "ws_gn"
     width: int | None = None  # channels of the first stage; the arch's default when null
     gn_groups: int = 8  # GroupNorm uses the largest group count <= this dividing the channels
+    # norm fixbn (Zhong et al. 2023, arXiv 2303.06530): the last round whose local fits update
+    # the BN running statistics; every later round normalizes with the global statistics,
+    # frozen (scale, shift and the other weights keep training). null: half of the rounds
+    fixbn_round: int | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.arch, ARCHS, "arch")
         _one_of(self.norm, NORMS, "norm")
         _check(self.width is None or self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        _check(
+            self.width is None or self.arch != "simple_cnn",
+            "width",
+            "simple_cnn is NIID-Bench's fixed network (6 and 16 channels): remove width",
+        )
         _check(self.gn_groups >= 1, "gn_groups", f"must be >= 1, got {self.gn_groups}")
+        _check(
+            self.fixbn_round is None or self.norm == "fixbn",
+            "fixbn_round",
+            f"only for norm: fixbn, got norm {self.norm!r}: remove it",
+        )
+        _check(
+            self.fixbn_round is None or self.fixbn_round >= 0,
+            "fixbn_round",
+            f"must be >= 0 or null, got {self.fixbn_round}",
+        )
 
     def options(self) -> dict[str, Any]:
         """Keyword options for ``build_model``."""
@@ -300,9 +379,9 @@ class FederationConfig:
     fraction_train: float = 1.0  # share of clients sampled for training each round
     fraction_evaluate: float = 1.0  # share of clients sampled for local evaluation
     min_clients: int = 1  # fewest successful replies a round needs
-    proximal_mu: float = 0.01  # fedprox
-    server_learning_rate: float = 1.0  # fedavgm
-    server_momentum: float = 0.9  # fedavgm (Hsu et al. 2019 use 0.9)
+    proximal_mu: float | None = None  # fedprox; null: 0.01
+    server_learning_rate: float | None = None  # fedavgm; null: 1.0
+    server_momentum: float | None = None  # fedavgm; null: 0.9 (Hsu et al. 2019)
     # fedadam / fedyogi / fedadagrad (Reddi et al. 2021); null keeps Flower's default
     eta: float | None = None
     eta_l: float | None = None  # refused: the clients' learning rate is optim.lr
@@ -316,16 +395,13 @@ class FederationConfig:
         _fraction(self.fraction_train, "fraction_train")
         _fraction(self.fraction_evaluate, "fraction_evaluate")
         _check(self.min_clients >= 1, "min_clients", f"must be >= 1, got {self.min_clients}")
-        _check(self.proximal_mu >= 0, "proximal_mu", f"must be >= 0, got {self.proximal_mu}")
+        mu, lr, momentum = self.proximal_mu, self.server_learning_rate, self.server_momentum
+        _check(mu is None or mu >= 0, "proximal_mu", f"must be >= 0, got {mu}")
+        _check(lr is None or lr > 0, "server_learning_rate", f"must be > 0, got {lr}")
         _check(
-            self.server_learning_rate > 0,
-            "server_learning_rate",
-            f"must be > 0, got {self.server_learning_rate}",
-        )
-        _check(
-            0 <= self.server_momentum < 1,
+            momentum is None or 0 <= momentum < 1,
             "server_momentum",
-            f"must be in [0, 1), got {self.server_momentum}",
+            f"must be in [0, 1), got {momentum}",
         )
         for name in ("eta", "tau"):
             value = getattr(self, name)
@@ -340,7 +416,7 @@ class FederationConfig:
             value = getattr(self, name)
             _check(value is None or 0 <= value < 1, name, f"must be in [0, 1), got {value}")
         used = SERVER_OPTIMIZER_SETTINGS.get(self.strategy, ())
-        for name in ("eta", "beta_1", "beta_2", "tau"):
+        for name in {n for names in SERVER_OPTIMIZER_SETTINGS.values() for n in names}:
             users = [k for k, v in SERVER_OPTIMIZER_SETTINGS.items() if name in v]
             _check(
                 getattr(self, name) is None or name in used,
@@ -349,11 +425,26 @@ class FederationConfig:
                 "remove it, or choose one of those",
             )
 
+    @property
+    def mu(self) -> float:
+        """FedProx's proximal mu (``proximal_mu``, default 0.01)."""
+        return 0.01 if self.proximal_mu is None else self.proximal_mu
+
+    @property
+    def server_lr(self) -> float:
+        """FedAvgM's server learning rate (default 1.0)."""
+        return 1.0 if self.server_learning_rate is None else self.server_learning_rate
+
+    @property
+    def momentum(self) -> float:
+        """FedAvgM's server momentum (default 0.9, Hsu et al. 2019)."""
+        return 0.9 if self.server_momentum is None else self.server_momentum
+
     def strategy_options(self) -> dict[str, float]:
         """Keyword arguments of the chosen Flower strategy class (the server optimizers'
         settings go to ``app.learn.server_optim``, not to Flower)."""
         if self.strategy == "fedprox":
-            return {"proximal_mu": self.proximal_mu}
+            return {"proximal_mu": self.mu}
         return {}
 
 
@@ -443,7 +534,9 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0  # training seed (model init, batch order); data has data.partition.seed
+    # the run's seed: model init, batch order and (unless data.partition.seed pins them) every
+    # draw from the data (NIID-Bench's init_seed habit)
+    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -456,12 +549,31 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        p = self.data.partition
+        if p.seed is None:  # the data draws follow the run's seed
+            data = dataclasses.replace(self.data, partition=dataclasses.replace(p, seed=self.seed))
+            object.__setattr__(self, "data", data)
+        fixbn = self.model.fixbn_round
+        _check(
+            fixbn is None or fixbn <= self.federation.rounds,
+            "model.fixbn_round",
+            f"must be <= federation.rounds ({self.federation.rounds}), got {fixbn}",
+        )
         n = self.data.partition.num_clients
         _check(
             self.federation.min_clients <= n,
             "federation.min_clients",
             f"must be <= data.partition.num_clients ({n}), got {self.federation.min_clients}",
         )
+
+    @property
+    def bn_statistics_frozen_after(self) -> int | None:
+        """norm fixbn: the last round that updates BN statistics (``model.fixbn_round``, or
+        half of the rounds); None for every other norm."""
+        if self.model.norm != "fixbn":
+            return None
+        fixbn = self.model.fixbn_round
+        return self.federation.rounds // 2 if fixbn is None else fixbn
 
     @property
     def server_model_untrained(self) -> bool:
@@ -501,8 +613,6 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
@@ -565,6 +675,28 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         raise
 
 
+def without_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config without the settings its strategy or partition kind does not use
+    (fedws before 0.2 wrote them all, with their defaults, into every ``config.yaml``)."""
+    raw = copy.deepcopy(raw)
+    fed = raw.get("federation")
+    if isinstance(fed, dict):
+        used = SERVER_OPTIMIZER_SETTINGS.get(fed.get("strategy", "fedavg"), ())
+        for names in SERVER_OPTIMIZER_SETTINGS.values():
+            for name in names:
+                if name not in used and fed.get(name) is not None:
+                    del fed[name]
+    part = (raw.get("data") or {}).get("partition")
+    if isinstance(part, dict):
+        kind = part.get("kind", "iid")
+        for name, kinds in PARTITION_SETTINGS.items():
+            if kind not in kinds and part.get(name) is not None:
+                del part[name]
+        if kind != "feature":
+            part.pop("feature", None)
+    return raw
+
+
 def build(raw: dict[str, Any] | None) -> Config:
     """Validate a raw mapping (from YAML) into a frozen ``Config``."""
     if raw is None:
@@ -574,13 +706,30 @@ def build(raw: dict[str, Any] | None) -> Config:
     return _build(Config, raw, "")
 
 
+class _SafeLoader12(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading numbers as YAML 1.2 does: ``1e-3``, ``1E-3`` and ``5e+2``
+    are floats (YAML 1.1, PyYAML's rule, reads a float without a dot as text)."""
+
+
+_SafeLoader12.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Safe YAML with YAML 1.2 numbers: every config, override and study file is read so."""
+    return yaml.load(text, Loader=_SafeLoader12)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], c), the value parsed as YAML (``1`` int, ``null``, ``{k: v}``)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected key.path=value, got {text!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml_load(value) if value.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(key.strip(), f"--set value is not valid YAML: {value!r}") from err
     return key.strip().split("."), parsed
@@ -613,7 +762,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(str(path), f"cannot read it as text: {err}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from app.config import Config, build
+from app.config import Config, build, without_unused_settings, yaml_load
 from app.errors import ConfigError
 
 CONFIG = "config.yaml"
@@ -294,8 +294,43 @@ def _json_safe(value: Any) -> Any:
 
 
 def read_config(path: Path) -> Config:
-    """A config file written by fedws (``config.yaml``, ``cell.yaml``), validated."""
-    return build(yaml.safe_load(path.read_text()))
+    """A config file written by fedws (``config.yaml``, ``cell.yaml``), validated; a file from
+    an earlier fedws that wrote every setting, used or not, loses the unused ones first."""
+    return build(without_unused_settings(yaml_load(path.read_text()) or {}))
+
+
+# written by a run and read by others, but no number of the run depends on them
+NUMBER_NEUTRAL = ("logging", "simulation", "server.tensorboard")
+
+
+def result_settings(cfg: Config) -> dict[str, Any]:
+    """``cfg``'s settings that can change a number of the run (``NUMBER_NEUTRAL`` left out):
+    two runs with equal ones compute the same results."""
+    flat = cfg.flat()
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == n or k.startswith(f"{n}.") for n in NUMBER_NEUTRAL)
+    }
+
+
+def holds_run(run: RunDir) -> bool:
+    """Whether the folder holds (part of) a run: its config, metrics or summary."""
+    return any(p.exists() for p in (run.config, run.metrics, run.summary))
+
+
+RUN_FILES = (CONFIG, METRICS, CLIENTS, DIAGNOSTICS, DOMAINS, SUMMARY, DIAGNOSTICS_REPORT, RUN_LOG)
+RUN_FOLDERS = (CHECKPOINTS, TENSORBOARD, FIGURES)
+
+
+def clear_run(run: RunDir) -> None:
+    """Remove a run's files and folders (and nothing else) so a new run starts clean."""
+    import shutil
+
+    for name in RUN_FILES:
+        (run.path / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run.path / name, ignore_errors=True)
 
 
 def run_config(run: RunDir) -> Config | None:
@@ -312,7 +347,7 @@ def write_study(study: StudyDir, meta: dict[str, Any]) -> None:
 
 
 def read_study(study: StudyDir) -> dict[str, Any]:
-    return yaml.safe_load(study.study.read_text())
+    return yaml_load(study.study.read_text())
 
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # quantity -> layer -> (round, value)

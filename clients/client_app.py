@@ -146,6 +146,8 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected fault: client {local_shard.client}, round {server_round}")
     if module.hparams.proximal_mu > 0:
         module.set_global_weights()
+    frozen_after = cfg.bn_statistics_frozen_after
+    module.bn_statistics_frozen = frozen_after is not None and server_round > frozen_after
     seed = round_seed(cfg, server_round, local_shard.client)
     torch.manual_seed(seed)
     loader = tensor_loader(

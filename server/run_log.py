@@ -210,15 +210,19 @@ def _pick(row: dict[str, float] | None) -> dict[str, float] | None:
 
 
 def _final_domains(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The last round's per-domain test accuracy and their mean (the FedBN/FedWon headline)."""
+    """The last round's per-domain test accuracy and their mean (the FedBN/FedWon headline):
+    the mean only when every domain was scored in that round, else null (a mean over the
+    domains measured would overstate)."""
     if not rows:
         return None
     last = max(int(r["round"]) for r in rows)
     final = {r["domain"]: float(r["test_accuracy"]) for r in rows if int(r["round"]) == last}
-    finite = [v for v in final.values() if math.isfinite(v)]
+    every = {r["domain"] for r in rows}
+    scored = [v for v in final.values() if math.isfinite(v)]
+    complete = len(scored) == len(every) and set(final) == every
     return {
         "round": last,
         "test_accuracy": final,
-        "mean_test_accuracy": sum(finite) / len(finite) if finite else None,
+        "mean_test_accuracy": sum(scored) / len(scored) if complete else None,
         "scored_by": next(r["scored_by"] for r in rows if int(r["round"]) == last),
     }

@@ -48,6 +48,6 @@ def test_version_and_mutually_exclusive_supernode_placement(capsys):
 def test_the_readme_model_table_is_what_fedws_models_prints(capsys):
     assert main(["models"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[1:]  # after the "parameters for" line
-    start = README.index("    arch   norm   params  batchnorm")
+    start = README.index("      arch   norm   params  batchnorm")
     block = README[start : README.index("```", start)].strip("\n").splitlines()
     assert block == printed

@@ -15,12 +15,16 @@ import torch.nn.functional as F
 CROP_PADDING = 4
 
 
-def random_crop_flip(x: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
-    """Each image of ``x`` (N, C, H, W): a random HxW crop of it zero-padded by ``padding``,
-    mirrored left-right with probability 1/2. Draws from torch's global generator."""
+def random_crop_flip(
+    x: torch.Tensor, padding: int = CROP_PADDING, mode: str = "zeros"
+) -> torch.Tensor:
+    """Each image of ``x`` (N, C, H, W): a random HxW crop of it padded by ``padding`` (with
+    zeros, or ``mode="reflect"``: mirrored edges, NIID-Bench's CIFAR-10 recipe), mirrored
+    left-right with probability 1/2. Draws from torch's global generator."""
     n, c, h, w = x.shape
     device, size = x.device, 2 * padding + 1
-    padded = F.pad(x, (padding, padding, padding, padding))
+    pad = (padding, padding, padding, padding)
+    padded = F.pad(x, pad, mode="reflect") if mode == "reflect" else F.pad(x, pad)
     dy = torch.randint(0, size, (n, 1, 1, 1), device=device)
     dx = torch.randint(0, size, (n, 1, 1, 1), device=device)
     flip = torch.rand(n, 1, 1, 1, device=device) < 0.5

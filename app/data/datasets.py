@@ -63,6 +63,8 @@ class ImageDataset:
     domain_test: torch.Tensor | None = None
     # a natural partition's column (a writer, a speaker) for each training image
     natural_ids: np.ndarray | None = None
+    # ``normalize`` standardizes by the channel statistics; False: [0, 1] pixel values
+    standardize: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -91,13 +93,15 @@ class ImageDataset:
         return torch.stack(means).float(), torch.stack(stds).float()
 
     def normalize(self, x: torch.Tensor, style: Callable | None = None) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> float32 standardized with the training split's statistics;
-        ``style`` (a domain's image style, ``app.data.domains``) first transforms the [0, 1]
-        images."""
-        mean, std = self.channel_stats()
+        """uint8 (N, C, H, W) -> float32 standardized with the training split's statistics
+        (or, with ``standardize`` off, the [0, 1] values); ``style`` (a domain's image style,
+        ``app.data.domains``) first transforms the [0, 1] images."""
         x = x.float() / 255.0
         if style is not None:
             x = style(x)
+        if not self.standardize:
+            return x
+        mean, std = self.channel_stats()
         return (x - mean[:, None, None]) / std[:, None, None]
 
     def subsample(self, train: int | None, test: int | None, seed: int) -> ImageDataset:
@@ -347,10 +351,12 @@ def dataset_key(data: DataConfig) -> DataConfig:
     """What a dataset depends on: everything but the partition, except its seed (it draws the
     synthetic data and the subsets) and a natural partition's column (it is loaded with it)."""
     p = data.partition
+    drawn = data.dataset == "synthetic" or data.train_samples or data.test_samples
+    seed = p.data_seed if drawn else 0  # the same images for every seed: loaded once
     if p.by is not None:
-        key = PartitionConfig(kind="natural", by=p.by, seed=p.seed, num_clients=p.num_clients)
+        key = PartitionConfig(kind="natural", by=p.by, seed=seed, num_clients=p.num_clients)
     else:
-        key = PartitionConfig(seed=p.seed)
+        key = PartitionConfig(seed=seed)
     return dataclasses.replace(data, partition=key)
 
 
@@ -359,7 +365,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
 
     The synthetic data and the subsets are drawn from the partition seed: data, not training.
     """
-    seed = cfg.partition.seed
+    seed = cfg.partition.data_seed
     if cfg.dataset == "fashion_mnist":
         ds = load_fashion_mnist(cfg.root)
     elif cfg.dataset in ("cifar10", "cifar100"):
@@ -370,4 +376,5 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         ds = ImageDataset("hf", **load_hf(cfg))
     else:
         ds = make_synthetic(cfg.synthetic, seed)
+    ds = replace(ds, standardize=cfg.standardize)
     return ds.subsample(cfg.train_samples, cfg.test_samples, seed)

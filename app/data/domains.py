@@ -184,4 +184,4 @@ def domains_of(data: DataConfig, ds: ImageDataset) -> Domains | None:
             f"data.partition.num_clients: {p.num_clients} clients for {len(names)} domains: "
             "each domain needs a client (client i belongs to domain i mod K)"
         )
-    return Domains(tuple(names), tuple(styles), p.seed, of_train, of_test)
+    return Domains(tuple(names), tuple(styles), p.data_seed, of_train, of_test)

@@ -6,9 +6,11 @@ The partitioners run over an in-memory ``datasets.Dataset`` of two columns, ``id
 indices are then split into local train/val by the same seed, and the shard is held as
 normalized float tensors (no per-sample transform in the training loop).
 
-Kinds: ``iid``; ``dirichlet`` label skew Dir(alpha); ``pathological`` #C=k classes per client;
-``shards`` (sorted-label shards, McMahan et al. 2017); ``quantity`` skew (client sizes from
-Dir(alpha), IID labels); ``feature`` skew (IID labels, a per-client noise/contrast/rotation);
+Kinds: ``iid``; ``dirichlet`` label skew Dir(alpha), balanced unless ``balanced: false``;
+``pathological`` #C=k classes per client; ``shards`` (sorted-label shards, McMahan et al. 2017);
+``quantity`` skew (client sizes from Dir(alpha), IID labels); ``dirichlet``, ``pathological``
+and ``quantity`` are drawn exactly as NIID-Bench's code draws them (``app.data.niid_bench``);
+``feature`` skew (IID labels, a per-client noise/contrast/rotation);
 ``domains`` (each client's images from one domain, ``app.data.domains``).
 """
 
@@ -24,60 +26,48 @@ import torch
 import torch.nn.functional as F
 
 from app.config import DataConfig, FeatureSkewConfig, PartitionConfig
+from app.data import niid_bench
 from app.data.datasets import ImageDataset
 from app.data.domains import TRAIN, VAL, Domains
 from app.errors import DataError
 
 
-def _partitioner(p: PartitionConfig, num_samples: int):
+def _partitioner(p: PartitionConfig):
+    """flwr-datasets' partitioner for the kinds NIID-Bench's code does not define."""
     from flwr_datasets import partitioner as fp
 
     n = p.num_clients
     if p.kind in ("iid", "feature"):
         return fp.IidPartitioner(num_partitions=n)
-    if p.kind == "dirichlet":
-        return fp.DirichletPartitioner(
-            num_partitions=n,
-            partition_by="label",
-            alpha=p.concentration,
-            min_partition_size=p.min_partition_size,
-            self_balancing=False,
-            seed=p.seed,
-        )
-    if p.kind == "pathological":
-        return fp.PathologicalPartitioner(
-            num_partitions=n,
-            partition_by="label",
-            num_classes_per_partition=p.classes_per_client,
-            # client i gets class i % K first, so every class is used when clients >= classes
-            class_assignment_mode="first-deterministic",
-            seed=p.seed,
-        )
     if p.kind == "shards":
         return fp.ShardPartitioner(
             num_partitions=n,
             partition_by="label",
-            num_shards_per_partition=p.shards_per_client,
-            seed=p.seed,
+            num_shards_per_partition=p.shards,
+            seed=p.data_seed,
         )
-    if p.kind == "quantity":
-        return fp.SizePartitioner(quantity_sizes(num_samples, p))
     raise AssertionError(f"unhandled partition kind {p.kind}")  # the config rejects others
 
 
-def quantity_sizes(num_samples: int, p: PartitionConfig) -> list[int]:
-    """Client sizes for quantity skew: ``min_partition_size`` each, the rest split by Dir(alpha)."""
-    spare = num_samples - p.num_clients * p.min_partition_size
-    if spare < 0:
-        raise DataError(
-            f"data.partition: {p.num_clients} clients x min_partition_size "
-            f"{p.min_partition_size} > {num_samples} training samples"
+def _niid_bench(labels: np.ndarray, p: PartitionConfig) -> list[np.ndarray]:
+    """The kinds drawn as NIID-Bench's own code draws them (``app.data.niid_bench``)."""
+    if p.kind == "dirichlet":
+        return niid_bench.dirichlet(
+            labels,
+            p.num_clients,
+            p.concentration,
+            p.data_seed,
+            min_size=p.min_size,
+            balanced=p.is_balanced,
         )
-    rng = np.random.default_rng(p.seed)
-    shares = rng.dirichlet(np.full(p.num_clients, p.concentration))
-    extra = np.floor(shares * spare).astype(int)
-    extra[np.argmax(shares)] += spare - extra.sum()  # floor's remainder to the largest client
-    return [int(p.min_partition_size + e) for e in extra]
+    if p.kind == "pathological":
+        return niid_bench.classes(labels, p.num_clients, p.classes, p.data_seed)
+    return niid_bench.quantity(
+        len(labels), p.num_clients, p.concentration, p.data_seed, min_size=p.min_size
+    )
+
+
+NIID_BENCH_KINDS = ("dirichlet", "pathological", "quantity")
 
 
 def partition_indices(
@@ -103,15 +93,15 @@ def partition_indices(
             f"data.partition.num_clients: {p.num_clients} clients but only "
             f"{len(labels)} training samples"
         )
-    order = np.random.default_rng(p.seed).permutation(len(labels))
+    if p.kind in NIID_BENCH_KINDS:
+        return [np.sort(part) for part in _niid_bench(labels, p)]
+    order = np.random.default_rng(p.data_seed).permutation(len(labels))
     table = datasets.Dataset.from_dict({"idx": order, "label": labels[order]})
-    part = _partitioner(p, len(labels))
+    part = _partitioner(p)
     part.dataset = table
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pyarrow deprecations inside datasets
-            # Dirichlet resampling chatter: success is silent, failure becomes a DataError
-            warnings.filterwarnings("ignore", message="The specified min_partition_size")
             return [
                 np.sort(part.load_partition(i).with_format("arrow")[:]["idx"].to_numpy())
                 for i in range(p.num_clients)
@@ -129,12 +119,21 @@ def _domain_partition(labels: np.ndarray, p: PartitionConfig, domains: Domains |
         raise DataError("data.partition: kind domains needs the run's domains")
 
     def split(sub_labels: np.ndarray, clients: int) -> list[np.ndarray]:
-        kind = "iid" if p.alpha is None else "dirichlet"
-        sub = dataclasses.replace(p, kind=kind, num_clients=clients, domains=())
+        if p.alpha is None:
+            return split_iid(sub_labels, clients)
+        sub = dataclasses.replace(p, kind="dirichlet", num_clients=clients, domains=())
         return partition_indices(sub_labels, sub)
 
     def split_iid(sub_labels: np.ndarray, pools: int) -> list[np.ndarray]:
-        sub = dataclasses.replace(p, kind="iid", num_clients=pools, alpha=None, domains=())
+        sub = dataclasses.replace(
+            p,
+            kind="iid",
+            num_clients=pools,
+            alpha=None,
+            balanced=None,
+            min_partition_size=None,
+            domains=(),
+        )
         return partition_indices(sub_labels, sub)
 
     of_train = domains.of_train
@@ -254,7 +253,7 @@ class ClientShard:
 
 def shard_seed(p: PartitionConfig, client: int) -> int:
     """Seed of a client's train/val split and feature shift, derived from the partition seed."""
-    return p.seed * 100_003 + client
+    return p.data_seed * 100_003 + client
 
 
 def split_train_val(indices: np.ndarray, val_fraction: float, seed: int):
@@ -285,7 +284,7 @@ def make_shard(
     x_val = dataset.normalize(dataset.x_train[val_idx], styles[1])
     shift = None
     if p.kind == "feature":
-        shift = FeatureShift.for_client(client, p.num_clients, p.feature)
+        shift = FeatureShift.for_client(client, p.num_clients, p.shifts)
         x_train, x_val = shift.apply(x_train, seed), shift.apply(x_val, seed + 1)
     return ClientShard(
         client=client,

@@ -46,18 +46,25 @@ class FedwsClassifier(L.LightningModule):
         agc_clip: float | None = None,
         proximal_mu: float = 0.0,
         augment: bool = False,
+        crop_padding: str = "zeros",
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(arch, norm, in_channels, num_classes, **(model_options or {}))
+        self.model = build_model(
+            arch, norm, in_channels, num_classes, image_size=image_size, **(model_options or {})
+        )
+        self._bn_frozen = False
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._global_params: list[torch.Tensor] | None = None
         self._loss_sum, self._seen = torch.zeros(()), 0  # this epoch's training loss
 
     @classmethod
-    def from_config(cls, cfg: Config, in_channels: int, num_classes: int) -> FedwsClassifier:
-        mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
+    def from_config(
+        cls, cfg: Config, in_channels: int, num_classes: int, image_size: int | None = None
+    ) -> FedwsClassifier:
+        mu = cfg.federation.mu if cfg.federation.strategy == "fedprox" else 0.0
         return cls(
             arch=cfg.model.arch,
             norm=cfg.model.norm,
@@ -73,10 +80,34 @@ class FedwsClassifier(L.LightningModule):
             agc_clip=cfg.optim.agc_clip,
             proximal_mu=mu,
             augment=cfg.data.augmented,
+            crop_padding=cfg.data.crop_padding,
+            image_size=image_size,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    @property
+    def bn_statistics_frozen(self) -> bool:
+        """FixBN (Zhong et al. 2023, arXiv 2303.06530): while True, every BN layer normalizes
+        with its running statistics and never updates them, in training too; its scale and
+        shift keep training."""
+        return self._bn_frozen
+
+    @bn_statistics_frozen.setter
+    def bn_statistics_frozen(self, frozen: bool) -> None:
+        self._bn_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FedwsClassifier:
+        """``nn.Module.train``, but BN layers stay in eval mode while ``bn_statistics_frozen``
+        (Lightning switches modes around a fit's validation, so the freeze lives here)."""
+        super().train(mode)
+        if mode and getattr(self, "_bn_frozen", False):
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def set_global_weights(self) -> None:
         """Snapshot the current parameters as the proximal anchor (call after loading them)."""
@@ -100,7 +131,7 @@ class FedwsClassifier(L.LightningModule):
         """``augment``: random crop + flip of each training batch, on its device."""
         if self.hparams.get("augment") and self.trainer.training:
             x, y = batch
-            batch = (random_crop_flip(x), y)
+            batch = (random_crop_flip(x, mode=self.hparams.get("crop_padding", "zeros")), y)
         return batch
 
     def on_train_epoch_start(self) -> None:
@@ -142,7 +173,7 @@ class FedwsClassifier(L.LightningModule):
         """One group, or with weight decay and ``decay_norms`` off (the default, NFNets'
         practice) two: norm affines, scaled-WS gains and NF skip gains get no weight decay."""
         hp = self.hparams
-        if hp.weight_decay == 0 or hp.get("decay_norms", True):
+        if hp.weight_decay == 0 or hp.get("decay_norms", False):
             return [{"params": list(self.parameters())}]
         exempt = {f"model.{name}" for name in no_decay_parameters(self.model)}
         named = list(self.named_parameters())

@@ -14,9 +14,8 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import yaml
 
-from app.config import Config, DataConfig, build
+from app.config import Config, DataConfig, build, yaml_load
 from app.data.datasets import ImageDataset, dataset_key, load_dataset
 from app.data.domains import TEST, Domains, domains_of
 from app.data.partitions import ClientShard, make_shard, partition_indices
@@ -31,7 +30,7 @@ PARTITION_QUERY = "query.partition"  # message type: "which partition do you hol
 
 @functools.lru_cache(maxsize=8)
 def config_from_text(text: str) -> Config:
-    return build(yaml.safe_load(text))
+    return build(yaml_load(text))
 
 
 def dataset(data: DataConfig) -> ImageDataset:
@@ -133,7 +132,9 @@ def new_module(cfg: Config, ds: ImageDataset) -> FedwsClassifier:
     """A freshly initialised model; the same weights in every process (seeded by ``seed``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes)
+        return FedwsClassifier.from_config(
+            cfg, ds.in_channels, ds.num_classes, image_size=int(ds.x_train.shape[-1])
+        )
 
 
 def round_seed(cfg: Config, server_round: int, client: int) -> int:

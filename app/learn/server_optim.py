@@ -12,13 +12,13 @@ The updates, per parameter tensor, step t = 1, 2, ... (all state starts at zero)
   ``w <- w - lr * b_t``. The same update as Flower's ``FedAvgM``.
 - ``fedadagrad`` = ``torch.optim.Adagrad(lr=eta, eps=tau)``: ``v_t = v_{t-1} + g_t^2``,
   ``w <- w - eta * g_t / (sqrt(v_t) + tau)``. The same update as Flower's ``FedAdagrad``.
-- ``fedadam`` = ``torch.optim.Adam(lr=eta, betas=(beta_1, beta_2), eps=tau)``, bias-corrected as
-  in Kingma & Ba: ``m_t = beta_1 m_{t-1} + (1 - beta_1) g_t``, ``v_t = beta_2 v_{t-1} +
-  (1 - beta_2) g_t^2``, ``w <- w - eta * (m_t / (1 - beta_1^t)) / (sqrt(v_t / (1 - beta_2^t)) +
-  tau)``. Reddi et al.'s Algorithm 2 does not bias-correct; Flower's ``FedAdam`` does, with
-  ``t + 1`` in place of ``t`` and ``tau`` outside the corrected root.
+- ``fedadam`` = ``FedAdam`` below, Reddi et al.'s Algorithm 2 exactly: ``m_t = beta_1 m_{t-1} +
+  (1 - beta_1) g_t``, ``v_t = beta_2 v_{t-1} + (1 - beta_2) g_t^2``, ``w <- w - eta * m_t /
+  (sqrt(v_t) + tau)``, no bias correction (with ``Delta = -g``: ``x += eta m / (sqrt(v) +
+  tau)``). ``torch.optim.Adam`` bias-corrects both moments; Flower's ``FedAdam`` multiplies the
+  step by ``sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1))``: neither is Algorithm 2.
 - ``fedyogi`` = ``Yogi`` below, Reddi et al.'s Algorithm 2 without bias correction (as Flower's
-  ``FedYogi``): ``m_t`` as Adam, ``v_t = v_{t-1} - (1 - beta_2) g_t^2 sign(v_{t-1} - g_t^2)``,
+  ``FedYogi``): ``m_t`` as FedAdam, ``v_t = v_{t-1} - (1 - beta_2) g_t^2 sign(v_{t-1} - g_t^2)``,
   ``w <- w - eta * m_t / (sqrt(v_t) + tau)``.
 
 ``eta``, ``beta_1``, ``beta_2`` and ``tau`` left null take Flower's defaults for the strategy
@@ -44,10 +44,10 @@ DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
-class Yogi(torch.optim.Optimizer):
-    """Yogi (Zaheer et al. 2018; as FedYogi in Reddi et al. 2021, Algorithm 2): Adam's first
-    moment, an additive second moment ``v <- v - (1 - beta_2) g^2 sign(v - g^2)`` that cannot
-    grow faster than the squared gradient, no bias correction."""
+class _Algorithm2(torch.optim.Optimizer):
+    """Reddi et al. 2021, Algorithm 2: a first moment ``m <- beta_1 m + (1 - beta_1) g``, a
+    second moment set by the subclass, ``w <- w - lr * m / (sqrt(v) + eps)``; both moments start
+    at zero and are never bias-corrected."""
 
     def __init__(
         self,
@@ -72,15 +72,37 @@ class Yogi(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 m, v, g2 = state["exp_avg"], state["exp_avg_sq"], p.grad * p.grad
                 m.mul_(beta_1).add_(p.grad, alpha=1 - beta_1)
-                v.sub_((1 - beta_2) * g2 * torch.sign(v - g2))
+                self.second_moment(v, g2, beta_2)
                 p.sub_(group["lr"] * m / (v.sqrt() + group["eps"]))
         return loss
+
+    @staticmethod
+    def second_moment(v: torch.Tensor, g2: torch.Tensor, beta_2: float) -> None:
+        raise NotImplementedError
+
+
+class FedAdam(_Algorithm2):
+    """FedAdam (Reddi et al. 2021, Algorithm 2): ``v <- beta_2 v + (1 - beta_2) g^2``."""
+
+    @staticmethod
+    def second_moment(v: torch.Tensor, g2: torch.Tensor, beta_2: float) -> None:
+        v.mul_(beta_2).add_(g2, alpha=1 - beta_2)
+
+
+class Yogi(_Algorithm2):
+    """Yogi (Zaheer et al. 2018; as FedYogi in Reddi et al. 2021, Algorithm 2): an additive
+    second moment ``v <- v - (1 - beta_2) g^2 sign(v - g^2)`` that cannot grow faster than the
+    squared gradient."""
+
+    @staticmethod
+    def second_moment(v: torch.Tensor, g2: torch.Tensor, beta_2: float) -> None:
+        v.sub_((1 - beta_2) * g2 * torch.sign(v - g2))
 
 
 def hyper_parameters(fed: FederationConfig) -> dict[str, float]:
     """The server optimizer's settings: the config's values, Flower's defaults for the rest."""
     if fed.strategy == "fedavgm":
-        return {"lr": fed.server_learning_rate, "momentum": fed.server_momentum}
+        return {"lr": fed.server_lr, "momentum": fed.momentum}
     merged = {k: getattr(fed, k) for k in DEFAULTS[fed.strategy]}
     return {k: DEFAULTS[fed.strategy][k] if v is None else v for k, v in merged.items()}
 
@@ -92,7 +114,7 @@ def build_optimizer(fed: FederationConfig, params: list[nn.Parameter]) -> torch.
     if fed.strategy == "fedadagrad":
         return torch.optim.Adagrad(params, lr=h["eta"], eps=h["tau"])
     if fed.strategy == "fedadam":
-        return torch.optim.Adam(params, lr=h["eta"], betas=(h["beta_1"], h["beta_2"]), eps=h["tau"])
+        return FedAdam(params, lr=h["eta"], betas=(h["beta_1"], h["beta_2"]), eps=h["tau"])
     if fed.strategy == "fedyogi":
         return Yogi(params, lr=h["eta"], betas=(h["beta_1"], h["beta_2"]), eps=h["tau"])
     raise ValueError(

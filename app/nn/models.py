@@ -2,6 +2,11 @@
 
 - ``cnn``: four 3x3 convs (two blocks of conv-norm-ReLU x2 + max-pool), global pool, linear; for
   28x28 and 32x32 inputs.
+- ``simple_cnn``: NIID-Bench's ``simple-cnn`` (Li et al. 2022, arXiv 2102.02079; its
+  ``model.py`` ``SimpleCNNMNIST`` / ``SimpleCNN``): conv 5x5 C->6, ReLU, max-pool 2, conv 5x5
+  6->16, ReLU, max-pool 2, fc 16*s*s->120->84->classes with ReLUs (s = 4 for 28x28 inputs, 5
+  for 32x32); the norm switch puts the chosen normalization after each conv (``none``: the
+  original network).
 - ``resnet20``: the CIFAR ResNet of He et al. 2016 (arXiv 1512.03385, Sec. 4.2): 3 stages of
   3 basic blocks, 16/32/64 channels; projection shortcuts (1x1 conv + norm) where shape changes.
 
@@ -27,10 +32,16 @@ from app.nn.norms import DEFAULT_GN_GROUPS, NORMS, NormSpec, get_norm
 NF_ALPHA = 0.2  # Brock et al. 2021 (arXiv 2101.08692), NF-ResNets use alpha = 0.2
 
 
-def _conv_norm_act(spec: NormSpec, cin: int, cout: int, stride: int, gamma: float) -> nn.Sequential:
-    """conv3x3 -> norm -> ReLU; conv bias only where no norm follows (NF)."""
+def _conv_norm_act(
+    spec: NormSpec, cin: int, cout: int, stride: int, gamma: float, kernel: int = 3
+) -> nn.Sequential:
+    """conv (3x3, 'same' padding; 5x5 unpadded as NIID-Bench's) -> norm -> ReLU; conv bias
+    only where no norm follows (NF, none)."""
+    padding = 1 if kernel == 3 else 0
     layers: list[nn.Module] = [
-        spec.conv(cin, cout, 3, stride=stride, padding=1, bias=spec.norm is None, gamma=gamma)
+        spec.conv(
+            cin, cout, kernel, stride=stride, padding=padding, bias=spec.norm is None, gamma=gamma
+        )
     ]
     if spec.norm is not None:
         layers.append(spec.norm(cout))
@@ -65,21 +76,56 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class SimpleCNN(nn.Module):
+    """NIID-Bench's ``simple-cnn`` with a norm after each conv (none: the original)."""
+
+    def __init__(
+        self, spec: NormSpec, in_channels: int, num_classes: int, image_size: int | None = None
+    ) -> None:
+        super().__init__()
+        # NIID-Bench pairs 1 channel with 28x28 (MNIST, FMNIST) and 3 with 32x32 (CIFAR-10)
+        size = image_size or (28 if in_channels == 1 else 32)
+        side = ((size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"simple_cnn needs images of at least 16x16 pixels, got {size}")
+        attn = SqueezeExcite if spec.se else (lambda channels: nn.Identity())
+        self.features = nn.Sequential(
+            *_conv_norm_act(spec, in_channels, 6, 1, gamma=1.0, kernel=5),
+            attn(6),
+            nn.MaxPool2d(2),
+            *_conv_norm_act(spec, 6, 16, 1, gamma=RELU_GAMMA, kernel=5),
+            attn(16),
+            nn.MaxPool2d(2),
+        )
+        self.fc = nn.Sequential(
+            nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU()
+        )
+        self.classifier = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fc(torch.flatten(self.features(x), 1)))
+
+
+def _norm_or_identity(spec: NormSpec, channels: int) -> nn.Module:
+    return nn.Identity() if spec.norm is None else spec.norm(channels)
+
+
 class BasicBlock(nn.Module):
-    """Post-activation basic block of He et al. 2016 with injected conv and norm layers."""
+    """Post-activation basic block of He et al. 2016 with injected conv and norm layers
+    (norm ``none``: convs with bias and no normalization)."""
 
     def __init__(self, spec: NormSpec, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        assert spec.norm is not None
-        self.conv1 = spec.conv(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = spec.norm(cout)
-        self.conv2 = spec.conv(cout, cout, 3, stride=1, padding=1, bias=False)
-        self.norm2 = spec.norm(cout)
+        bias = spec.norm is None
+        self.conv1 = spec.conv(cin, cout, 3, stride=stride, padding=1, bias=bias)
+        self.norm1 = _norm_or_identity(spec, cout)
+        self.conv2 = spec.conv(cout, cout, 3, stride=1, padding=1, bias=bias)
+        self.norm2 = _norm_or_identity(spec, cout)
         self.act = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
-                spec.conv(cin, cout, 1, stride=stride, bias=False), spec.norm(cout)
+                spec.conv(cin, cout, 1, stride=stride, bias=bias), _norm_or_identity(spec, cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,11 +216,15 @@ class ArchSpec:
     name: str
     description: str
     builder: Callable[..., nn.Module]
+    sized: bool = False  # the builder takes the input's image_size (a fixed-size classifier)
 
 
 MODELS: dict[str, ArchSpec] = {
     "cnn": ArchSpec("cnn", "4 conv layers, 28x28 / 32x32 inputs", SmallCNN),
     "resnet20": ArchSpec("resnet20", "CIFAR ResNet-20 (He et al. 2016)", ResNetCifar),
+    "simple_cnn": ArchSpec(
+        "simple_cnn", "NIID-Bench's simple-cnn (2 conv, 3 fc)", SimpleCNN, sized=True
+    ),
 }
 
 
@@ -189,15 +239,19 @@ def build_model(
     num_classes: int,
     *,
     gn_groups: int = DEFAULT_GN_GROUPS,
+    image_size: int | None = None,
     **options,
 ) -> nn.Module:
-    """Build ``arch`` with ``norm``; ``options`` go to the arch (e.g. ``width``).
+    """Build ``arch`` with ``norm``; ``options`` go to the arch (e.g. ``width``);
+    ``image_size`` to an arch whose classifier depends on it (``simple_cnn``).
 
     Unknown names raise ValueError listing the known ones.
     """
     if arch not in MODELS:
         raise ValueError(f"unknown arch {arch!r}; known archs: {', '.join(MODELS)}")
     spec = get_norm(norm, gn_groups=gn_groups)
+    if MODELS[arch].sized:
+        options["image_size"] = image_size
     return MODELS[arch].builder(spec, in_channels, num_classes, **options)
 
 

@@ -41,7 +41,9 @@ class NormSpec:
 
     ``conv(in, out, kernel_size, stride=..., padding=..., gamma=...)``; ``gamma`` is the
     variance-preserving constant of the preceding nonlinearity, used by scaled WS only.
-    ``norm(channels)`` is None for normalization-free networks (``nf=True``).
+    ``norm(channels)`` is None for normalization-free networks (``nf=True``) and for ``none``
+    (plain convolutions with bias and no normalization layer, the baseline of NIID-Bench's
+    ``simple-cnn``).
     """
 
     name: str
@@ -67,7 +69,15 @@ def _scaled_ws_conv(*args, gamma: float = 1.0, **kwargs) -> nn.Conv2d:
 def _norm_map(gn_groups: int) -> dict[str, NormSpec]:
     gn = partial(group_norm, groups=gn_groups)
     return {
+        "none": NormSpec("none", "Conv2d, no normalization layer", _plain_conv, None),
         "bn": NormSpec("bn", "Conv2d + BatchNorm2d", _plain_conv, nn.BatchNorm2d),
+        # FixBN's layers are BN's; the freezing is a training policy (app.learn.classifier)
+        "fixbn": NormSpec(
+            "fixbn",
+            "Conv2d + BatchNorm2d, statistics frozen after a round (FixBN)",
+            _plain_conv,
+            nn.BatchNorm2d,
+        ),
         "gn": NormSpec("gn", "Conv2d + GroupNorm", _plain_conv, gn),
         "ln": NormSpec("ln", "Conv2d + GroupNorm(1 group) = LayerNorm", _plain_conv, layer_norm),
         "ws_gn": NormSpec("ws_gn", "WSConv2d + GroupNorm", _ws_conv, gn),

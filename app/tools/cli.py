@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.config import load_config
+from app.config import Config, dump_config, load_config
 from app.errors import ConfigError, FedwsError
 from app.rundir import FINISHED, RunDir, StudyDir
 
@@ -56,20 +56,20 @@ def _format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_partitions(args: argparse.Namespace) -> int:
+def _print_partitions(cfg: Config):
+    """The partition summary (dataset, seeds, a row per client); returns its view."""
     import numpy as np
 
     from app.tools.partitions import partition_view
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else DEFAULT_OUT / f"partitions-{Path(args.config).stem}"
     view = partition_view(cfg.data)
     ds, p = view.dataset, cfg.data.partition
     num_samples = len(ds.y_train)
     tag = " [SYNTHETIC DATA]" if ds.synthetic else ""
+    drawn = "the run's seed" if p.seed == cfg.seed else "pinned"
     print(f"dataset: {ds.name}{tag} from {ds.source}")
     print(
-        f"partition: {p.kind}, {p.num_clients} clients, partition seed {p.seed}, "
+        f"partition: {p.kind}, {p.num_clients} clients, data seed {p.seed} ({drawn}), "
         f"{num_samples} training samples, val fraction {cfg.data.val_fraction}"
     )
     print(_format_table(*view.table()))
@@ -78,6 +78,21 @@ def cmd_partitions(args: argparse.Namespace) -> int:
         f"mean label entropy {view.entropy.mean():.3f} bits (uniform: {uniform:.3f}); "
         f"assigned {int(view.counts.sum())} of {num_samples} samples"
     )
+    return view
+
+
+def _print_dry_run(cfg: Config, out: Path) -> None:
+    """``fedws run --dry-run``: the resolved config and the partition; nothing is written."""
+    print(f"# fedws run --dry-run: the resolved config (nothing runs; OUT would be {out}/)")
+    print(dump_config(cfg), end="")
+    print("# the partition")
+    _print_partitions(cfg)
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else DEFAULT_OUT / f"partitions-{Path(args.config).stem}"
+    view = _print_partitions(cfg)
     table, png = view.write(out)
     print(f"wrote {table} and {png}")
     return 0
@@ -114,7 +129,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
     level = args.log_level or ("info" if args.verbose else "warning")
-    preflight(cfg, out, args.resume)  # one-line errors before OUT is written to
+    if args.resume and args.overwrite:
+        raise ConfigError("--overwrite", "starts OUT anew; --resume continues it: choose one")
+    if args.dry_run:
+        _print_dry_run(cfg, out)
+        return 0
+    # one-line errors before OUT is written to
+    preflight(cfg, out, args.resume, overwrite=args.overwrite)
     with teed(RunDir(out).run_log, level, workers=args.verbose, append=args.resume):
         print(f"fedws run: {describe(cfg)} -> {out}/", flush=True)
         try:
@@ -135,13 +156,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from app.tools.console import teed
-    from app.tools.study import load_study, run_study
+    from app.tools.study import dry_run_text, load_study, run_study
     from app.tools.study_report import write_report
 
     if args.parallel < 1:
         raise ConfigError("--parallel", f"must be >= 1, got {args.parallel}")
     study = load_study(args.study, args.overrides)
     out = Path(args.out) if args.out else DEFAULT_OUT / f"study-{Path(args.study).stem}"
+    if args.dry_run:
+        print(dry_run_text(study, out))
+        return 0
     with teed(StudyDir(out).log, append=True):  # Ray workers' lines: in study.log only
         statuses = run_study(
             study,
@@ -321,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run in OUT after its last checkpointed round",
     )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run OUT holds (without it, a folder holding a run is refused)",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the partition summary, run nothing",
+    )
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser(
@@ -341,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each cell in a process of its own (default: one after the other in one shared "
         "Flower simulation runtime; --parallel implies it)",
+    )
+    st.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells with their settings and whether each is finished, stale or new",
     )
     st.set_defaults(func=cmd_study)
 

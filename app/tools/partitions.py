@@ -72,7 +72,7 @@ class PartitionView:
                 f"{entropy[client]:.3f}",
             ]
             if p.kind == "feature":
-                s = FeatureShift.for_client(client, p.num_clients, p.feature)
+                s = FeatureShift.for_client(client, p.num_clients, p.shifts)
                 row += [f"{s.noise_std:.3f}", f"{s.contrast:.3f}", f"{s.rotation:.1f}"]
             if doms is not None:
                 row.append(doms.names[doms.of_client(client)])

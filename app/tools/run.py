@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from app import rundir
 from app.config import Config
-from app.errors import FedwsError
+from app.errors import ConfigError, FedwsError
 from app.learn import runtime
 from app.rundir import RunDir
 from app.tools.console import console_stream, flower_console_level
@@ -25,7 +25,7 @@ def describe(cfg: Config) -> str:
     p = cfg.data.partition
     kind = {
         "dirichlet": f"dirichlet(alpha={p.concentration})",
-        "pathological": f"pathological({p.classes_per_client} classes)",
+        "pathological": f"pathological({p.classes} classes)",
         "quantity": f"quantity(alpha={p.concentration})",
     }.get(p.kind, p.kind)
     return (
@@ -93,14 +93,26 @@ def run(
     return summary
 
 
-def preflight(cfg: Config, out: Path, resume: bool = False) -> int:
-    """Fail fast, before Ray starts and before anything is written: a missing dataset, an
-    impossible partition, a missing tracker package or nothing to resume is one line. Returns
-    the round a resumed run continues after (0 for a new run). The ServerApp runs in this
-    process and finds the data in the caches."""
+def preflight(cfg: Config, out: Path, resume: bool = False, overwrite: bool = False) -> int:
+    """Fail fast, before Ray starts and before anything is written: a folder that already
+    holds a run (unless ``resume`` or ``overwrite``), a missing dataset, an impossible
+    partition, a missing tracker package or nothing to resume is one line. Returns the round a
+    resumed run continues after (0 for a new run); with ``overwrite`` the old run's files are
+    removed. The ServerApp runs in this process and finds the data in the caches."""
+    run = RunDir(out)
+    if not resume and not overwrite and rundir.holds_run(run):
+        status = rundir.run_status(run)
+        raise ConfigError(
+            str(out),
+            f"holds a run ({status}): --resume continues it, --overwrite replaces it, or "
+            "give another -o",
+        )
     runtime.partitions(cfg.data)
     check_installed(cfg)
-    return resume_point(cfg, out)["fedws"]["round"] if resume else 0
+    point = resume_point(cfg, out)["fedws"]["round"] if resume else 0
+    if overwrite:
+        rundir.clear_run(run)
+    return point
 
 
 def attach_report(out: Path, summary: dict[str, Any]) -> None:

@@ -185,7 +185,7 @@ def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Stud
 def launch_subprocess(config: Path, out: Path, ray_cpus: int | None) -> str | None:
     """Run one cell as ``fedws run`` in a subprocess; return None, or the error it reported."""
     command = [sys.executable, "-m", "app.tools.cli", "run", str(config), "-o", str(out)]
-    command += ["--no-progress"]
+    command += ["--no-progress", "--overwrite"]  # a failed or stale cell's old files go
     if ray_cpus is not None:
         command += ["--set", f"simulation.ray_num_cpus={ray_cpus}"]
     log_path = RunDir(out).cell_log
@@ -295,9 +295,8 @@ def _in_runtime(grid: Grid) -> Launcher:
 
     def launch(config: Path, out: Path, _ray_cpus: int | None) -> str | None:
         cfg = load_config(config)
-        preflight(cfg, out)
+        preflight(cfg, out, overwrite=True)  # a failed or stale cell's old files go
         run = RunDir(out)
-        run.run_log.unlink(missing_ok=True)  # a rerun of a failed cell starts its log anew
         run_federation(grid, cfg, out)
         summary = rundir.read_summary(run)
         if summary is None:
@@ -314,6 +313,42 @@ def _troubled(run: RunDir) -> bool:
         return True
     rows = rundir.read_csv(run.metrics)
     return any(float(r["clients_failed"] or 0) or float(r["eval_failed"] or 0) for r in rows)
+
+
+FINISHED_CELL, STALE, NEW = "finished", "stale", "new"
+
+
+def cell_state(cell: Cell, folder: StudyDir) -> str:
+    """``finished``: a result (completed or diverged) of this very config, reused; ``stale``:
+    a result of other settings (or an unreadable config), run again; ``new``: anything else
+    (never run, pending, failed), run. Settings no number depends on (logging, simulation
+    resources) are not compared."""
+    run = folder.run(cell.id)
+    if rundir.run_status(run) not in rundir.FINISHED:
+        return NEW
+    try:
+        saved = rundir.read_config(run.config)
+    except (OSError, FedwsError, ValueError, yaml.YAMLError):
+        return STALE
+    same = rundir.result_settings(saved) == rundir.result_settings(cell.config)
+    return FINISHED_CELL if same else STALE
+
+
+def dry_run_text(study: Study, out: Path) -> str:
+    """``fedws study --dry-run``: every cell with its settings and state; nothing runs."""
+    folder = StudyDir(out)
+    states = {c.id: cell_state(c, folder) for c in study.cells}
+    counts = {s: sum(v == s for v in states.values()) for s in (FINISHED_CELL, STALE, NEW)}
+    lines = [
+        f"study {study.path} -> {out}/: {len(study.cells)} cells, {counts[FINISHED_CELL]} "
+        f"finished, {counts[STALE]} stale (run with other settings: run again), "
+        f"{counts[NEW]} new (nothing runs: --dry-run)"
+    ]
+    for c in study.cells:
+        settings = ", ".join(f"{k}={_yaml_value(v)}" for k, v in c.axes.items())
+        label = f" [{c.label}]" if c.label else ""
+        lines.append(f"  {states[c.id]:8}  {c.id}{label}: {settings}")
+    return "\n".join(lines)
 
 
 def run_study(
@@ -345,11 +380,14 @@ def run_study(
             ],
         },
     )
+    states = {c.id: cell_state(c, folder) for c in study.cells}
     statuses = {c.id: rundir.run_status(folder.run(c.id)) for c in study.cells}
-    todo = [c for c in study.cells if statuses[c.id] not in rundir.FINISHED]
+    todo = [c for c in study.cells if states[c.id] != FINISHED_CELL]
+    stale = sum(s == STALE for s in states.values())
     echo(
         f"study: {len(study.cells)} cells, {len(study.cells) - len(todo)} already finished, "
-        f"{len(todo)} to run, {parallel} at a time -> {out}/"
+        f"{len(todo)} to run ({stale} stale: finished with other settings), "
+        f"{parallel} at a time -> {out}/"
     )
     # With several cells at once, each cell's Ray gets its share of the cores.
     ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None

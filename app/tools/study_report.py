@@ -1,8 +1,12 @@
 """A study's results table and report, rebuilt from its run directories alone.
 
-``results.csv``: a row per cell. ``report.md``: the accuracy table (mean +- std over seeds, best
-per column in bold), accuracy-vs-round curves, accuracy vs heterogeneity, the label
-distribution of each partition and the per-client accuracy spread under the strongest skew.
+``results.csv``: a row per cell. ``report.md``: the accuracy tables (each cell the mean over
+seeds ± the half-width of its 95% confidence interval, Student t, with what the seeds varied
+said in words; the best mean per column in bold only when it rests on >= 3 seeds and is not
+tied), paired differences against a baseline row on the same seeds, accuracy-vs-round curves,
+accuracy vs heterogeneity, the label distribution of each partition and the per-client
+accuracy spread under the strongest skew. FedBN's server model (BatchNorm layers never
+trained) is left out of the global-model tables, kept in the client and per-domain ones.
 """
 
 from __future__ import annotations
@@ -219,9 +223,16 @@ def _table(
 ) -> str:
     seeds = max((len(g) for g in groups.values()), default=0)
     intervals = {k: mean_ci(list(g.values())) for k, g in groups.items() if g}
-    # a group with diverged seeds averages only the others: it is shown, never bolded as best
-    means = {k: i.mean for k, i in intervals.items() if k not in diverged}
-    best = {col: max((m for (r, c), m in means.items() if c == col), default=None) for col in cols}
+    # a group with diverged seeds averages only the others: it is shown, never bolded as best;
+    # nor is a mean over fewer than MIN_SEEDS_TO_BOLD seeds, nor a tie
+    means = {
+        k: i.mean for k, i in intervals.items() if k not in diverged and i.n >= MIN_SEEDS_TO_BOLD
+    }
+    best = {}
+    for col in cols:
+        in_col = [m for (r, c), m in means.items() if c == col]
+        top = max(in_col, default=None)
+        best[col] = top if in_col.count(top) == 1 else None
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         cells_md = []
@@ -233,9 +244,11 @@ def _table(
                 cells_md.append(note or "–")
                 continue
             text = interval.text()
-            if 1 < interval.n < seeds:
+            if 1 < interval.n < MIN_SEEDS_TO_BOLD:
+                text += f" (n={interval.n}: {FEW_SEEDS})"
+            elif 1 < interval.n < seeds:
                 text += f" (n={interval.n})"
-            if bold and (row, col) in means and means[(row, col)] == best[col]:
+            if bold and best[col] is not None and means.get((row, col)) == best[col]:
                 text = f"**{text}**"
             cells_md.append(f"{text}; {len(lost)} {note}" if lost else text)
         lines.append(f"| {row} | " + " | ".join(cells_md) + " |")
@@ -243,6 +256,8 @@ def _table(
 
 
 MEAN_OVER_DOMAINS = "mean"
+MIN_SEEDS_TO_BOLD = 3  # t_{0.975, 1} = 12.7: a two-seed interval is nearly meaningless
+FEW_SEEDS = "too few seeds, wide interval"
 
 
 def _domain_groups(cells: list[CellResult]) -> tuple[list[str], dict]:
@@ -270,7 +285,12 @@ def domain_table(cells: list[CellResult]) -> str | None:
     cols, groups = _domain_groups(cells)
     if not cols:
         return None
-    return _table(_ordered(c.row for c in cells), cols, groups, {})
+    diverged: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for c in cells:  # as in the main table: its seeds are lost for every domain and the mean
+        if c.diverged:
+            for col in cols:
+                diverged[(c.row, col)].append(f"r{c.summary.get('diverged_round')}")
+    return _table(_ordered(c.row for c in cells), cols, groups, diverged)
 
 
 def baseline_row(cells: list[CellResult], named: str | None = None) -> str | None:
@@ -310,6 +330,8 @@ def paired_table(
         for col in cols:
             result = paired(groups.get((row, col), {}), groups.get((base, col), {}))
             text = result.text() if result else "–"
+            if result and 1 < result.interval.n < MIN_SEEDS_TO_BOLD:
+                text += f" ({FEW_SEEDS})"
             gone = lost[(row, col)] + lost[(base, col)]
             entries.append(f"{text} ({gone} diverged seed(s) left out)" if gone else text)
         lines.append(f"| {row} | " + " | ".join(entries) + " |")
@@ -418,7 +440,9 @@ def why_section(out: Path, cells: list[CellResult], figures: Path) -> list[str]:
     for c in done:
         run = StudyDir(out).run(c.id)
         if run.diagnostics.is_file():
-            links.append(f"[{c.row}, {c.column}]({write_diagnostics(run.path).relative_to(out)})")
+            seed = f", seed {c.config.seed}" if c.config else ""
+            report = write_diagnostics(run.path).relative_to(out)
+            links.append(f"[{c.row}, {c.column}{seed}]({report})")
     if links:
         md += ["Per run: " + " · ".join(links), ""]
     return md
@@ -457,8 +481,45 @@ def _partition_counts(cells: list[CellResult]) -> dict[str, tuple[np.ndarray, tu
 
 CI_NOTE = (
     "Mean over seeds ± the half-width of its 95% confidence interval (Student t; "
-    '"n=1, no CI" for a single seed).'
+    '"n=1, no CI" for a single seed; fewer than 3 seeds: marked, never bolded).'
 )
+
+
+def _seed_list(seeds: list[int]) -> str:
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(str(s) for s in seeds)
+
+
+def interval_coverage(cells: list[CellResult]) -> str:
+    """In words, what the seeds of the study varied, so what its intervals cover."""
+    configs = [c.config for c in cells if c.config is not None]
+    if not configs:
+        return ""
+    seeds = sorted({c.seed for c in configs})
+    data_seeds = sorted({c.data.partition.seed for c in configs})
+    listed = f"seed{'s' if len(seeds) > 1 else ''} {_seed_list(seeds)}"
+    if all(c.data.partition.seed == c.seed for c in configs):
+        return (
+            f"Intervals over {listed}: each seed draws the partition (and every other draw "
+            "from the data), the initialisation and the batch order."
+        )
+    if len(data_seeds) == 1:
+        return (
+            f"Intervals over {listed} with the partition pinned to seed {data_seeds[0]} "
+            "(data.partition.seed): training noise only (initialisation and batch order), "
+            "one draw of the data."
+        )
+    return (
+        f"Intervals over {listed}; the data draws used seeds {_seed_list(data_seeds)} "
+        "(data.partition.seed set per cell): see each run's config.yaml for what varied."
+    )
+
+
+def global_cells(cells: list[CellResult]) -> list[CellResult]:
+    """The cells whose server model is a global model: FedBN's on a BN model is not (its BN
+    layers never train), so it has no place in a global-accuracy table."""
+    return [c for c in cells if not (c.config and c.config.server_model_untrained)]
 
 
 def _paired_section(
@@ -498,6 +559,15 @@ def write_report(out: Path) -> Path:
     diverged = [c for c in cells if c.diverged]
     pending = [c for c in cells if c.status not in (*rundir.FINISHED, rundir.FAILED)]
     cols = _ordered(c.column for c in cells)
+    glob = global_cells(cells)
+    left_out = _ordered(c.row for c in cells if c not in glob)
+    untrained_note = (
+        f" Left out of this table and its paired differences: {', '.join(left_out)} (the "
+        "server's model keeps BatchNorm layers that never trained, so it is not the method's "
+        "model; see the client accuracy below)."
+        if left_out
+        else ""
+    )
 
     md = [
         "# fedws study report",
@@ -510,13 +580,18 @@ def write_report(out: Path) -> Path:
         "",
         "## Final global test accuracy",
         "",
-        settings_line(cells, meta["axes"]) + " " + CI_NOTE + " Best mean per column in bold.",
+        settings_line(cells, meta["axes"])
+        + " "
+        + CI_NOTE
+        + " Best mean per column in bold. "
+        + interval_coverage(cells)
+        + untrained_note,
         "",
-        accuracy_table(cells),
+        accuracy_table(glob),
         "",
     ]
     base = meta.get("baseline")
-    md += _paired_section(cells, _final, "final global test accuracy", baseline=base)
+    md += _paired_section(glob, _final, "final global test accuracy", baseline=base)
     md += [
         "## Mean client accuracy",
         "",
@@ -559,7 +634,7 @@ def write_report(out: Path) -> Path:
         md += ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
         alpha_points = [
             (c.row, c.config.data.partition.concentration, c.final)
-            for c in done
+            for c in global_cells(done)
             if c.config and c.config.data.partition.kind == "dirichlet"
         ]
         if len({a for _, a, _ in alpha_points}) >= 2:

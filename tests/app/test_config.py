@@ -7,7 +7,8 @@ import pytest
 import yaml
 from helpers import FEDWS, REPO
 
-from app.config import ConfigError, apply_overrides, build, dump_config, load_config
+from app.config import ConfigError, apply_overrides, build, dump_config, load_config, yaml_load
+from app.rundir import read_config
 from app.tools.cli import main
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -59,7 +60,7 @@ def test_overrides_do_not_mutate_their_input():
 
 
 def test_resolved_config_round_trips_through_yaml():
-    cfg = load_config(QUICKSTART, ["data.partition.kind=feature"])
+    cfg = load_config(QUICKSTART, ["data.partition={kind: feature}"])
     assert build(yaml.safe_load(dump_config(cfg))) == cfg
 
 
@@ -71,7 +72,11 @@ MALFORMED = [
     ("federation.fraction_train=0", "federation.fraction_train", "(0, 1]"),
     ("federation.fraction_train=1.5", "federation.fraction_train", "(0, 1]"),
     ("federation.fraction_evaluate=-0.1", "federation.fraction_evaluate", "(0, 1]"),
-    ("model.norm=batchnorm", "model.norm", "allowed: bn, gn, ln, ws_gn, ws_bn, nf, nf_se"),
+    (
+        "model.norm=batchnorm",
+        "model.norm",
+        "allowed: none, bn, fixbn, gn, ln, ws_gn, ws_bn, nf, nf_se",
+    ),
     ("model.arch=vgg", "model.arch", "allowed: cnn, resnet20"),
     ("data.dataset=mnist", "data.dataset", "allowed: fashion_mnist"),
     ("data.partition.kind=label", "data.partition.kind", "allowed: iid, dirichlet"),
@@ -142,3 +147,72 @@ def test_console_script_exits_with_code_2():
         "fedws: config error: seed: expected integer, got 'x'"
     ]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_run_seed_draws_the_data_unless_the_partition_seed_pins_it():
+    follows = [load_config(QUICKSTART, [f"seed={s}"]) for s in (0, 3)]
+    assert [c.data.partition.seed for c in follows] == [0, 3]
+    pinned = [load_config(QUICKSTART, [f"seed={s}", "data.partition.seed=7"]) for s in (0, 3)]
+    assert [c.data.partition.seed for c in pinned] == [7, 7]
+    # the resolved config is written with the number it used, and reloads to the same config
+    assert build(yaml.safe_load(dump_config(follows[1]))) == follows[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-3", 0.001), ("1E-3", 0.001), ("5e+2", 500.0), ("-2.5e1", -25.0), ("1.0e-5", 1e-5)],
+)
+def test_numbers_are_read_as_yaml_1_2_reads_them(text, value):
+    cfg = load_config(QUICKSTART, [f"optim.lr={text}".replace("=-", "=")] if value > 0 else [])
+    if value > 0:
+        assert cfg.optim.lr == value and isinstance(cfg.optim.lr, float)
+    assert yaml_load(f"x: {text}") == {"x": value}
+    assert yaml_load("x: 1e3x") == {"x": "1e3x"} and yaml_load("x: '1e-3'") == {"x": "1e-3"}
+
+
+IGNORED = [
+    ("data.partition={kind: iid, alpha: 0.5}", "data.partition.alpha", "kind iid"),
+    ("data.partition={kind: iid, classes_per_client: 3}", "classes_per_client", "kind iid"),
+    ("data.partition={kind: dirichlet, shards_per_client: 3}", "shards_per_client", "dirichlet"),
+    ("data.partition={kind: pathological, balanced: false}", "balanced", "pathological"),
+    ("data.partition={kind: iid, min_partition_size: 3}", "min_partition_size", "kind iid"),
+    ("data.partition={kind: iid, feature: {noise_std: 0.1}}", "data.partition.feature", "iid"),
+    ("federation.proximal_mu=0.1", "federation.proximal_mu", "strategy fedavg"),
+    ("federation.server_learning_rate=0.5", "server_learning_rate", "strategy fedavg"),
+    ("federation.server_momentum=0.5", "federation.server_momentum", "strategy fedavg"),
+    ("federation.eta=0.5", "federation.eta", "strategy fedavg"),
+    ("model.fixbn_round=3", "model.fixbn_round", "norm: fixbn"),
+]
+
+
+@pytest.mark.parametrize(("override", "field", "why"), IGNORED)
+def test_a_setting_the_kind_or_strategy_ignores_is_refused(override, field, why):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    assert field in str(err.value) and why in str(err.value)
+
+
+def test_the_settings_a_strategy_or_kind_uses_are_accepted_with_defaults_when_null():
+    prox = load_config(QUICKSTART, ["federation.strategy=fedprox", "federation.proximal_mu=0.1"])
+    assert prox.federation.strategy_options() == {"proximal_mu": 0.1}
+    assert load_config(QUICKSTART, ["federation.strategy=fedprox"]).federation.mu == 0.01
+    avgm = load_config(QUICKSTART, ["federation.strategy=fedavgm"]).federation
+    assert (avgm.server_lr, avgm.momentum) == (1.0, 0.9)
+    fix = load_config(QUICKSTART, ["model.norm=fixbn", "federation.rounds=9"])
+    assert fix.bn_statistics_frozen_after == 4
+    fix3 = load_config(QUICKSTART, ["model.norm=fixbn", "model.fixbn_round=3"])
+    assert fix3.bn_statistics_frozen_after == 3
+    with pytest.raises(ConfigError, match=r"fixbn_round: must be <= federation\.rounds"):
+        load_config(QUICKSTART, ["model.norm=fixbn", "model.fixbn_round=30"])
+
+
+def test_a_config_written_by_an_earlier_fedws_with_every_setting_still_reads(tmp_path):
+    old = load_config(QUICKSTART).to_dict()
+    old["federation"].update(proximal_mu=0.01, server_learning_rate=1.0, server_momentum=0.9)
+    old["data"]["partition"].update(classes_per_client=2, shards_per_client=2)
+    old["data"]["partition"]["feature"] = {"noise_std": 0.3, "contrast": 0.5, "rotation": 30.0}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert read_config(path) == load_config(QUICKSTART)
+    with pytest.raises(ConfigError):
+        load_config(path)  # as a user's config, the unused settings are refused

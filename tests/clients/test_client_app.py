@@ -217,3 +217,21 @@ def test_a_process_keeps_shards_up_to_a_byte_budget_least_recently_used_out():
     cache.get("a", build(3))  # a used last: b is the oldest now
     cache.get("c", build(3))  # 144 > 100: b goes
     assert list(cache.entries) == ["a", "c"] and cache.size == 96
+
+
+def test_fixbn_clients_stop_moving_bn_statistics_after_the_switch_round():
+    """FixBN: up to model.fixbn_round the local fit updates the BN running statistics (FedAvg
+    with BN); after it they come back exactly as sent, while every weight (BN's scale and shift
+    included) keeps training."""
+    cfg = small_config("model.norm=fixbn", "federation.rounds=4", "model.fixbn_round=2")
+    arrays = global_arrays(cfg)
+    sent = arrays.to_torch_state_dict()
+    stats = [k for k in sent if k.endswith(("running_mean", "running_var"))]
+    affine = [k for k in sent if k.endswith(("weight", "bias")) and ".1." in k]
+    assert stats and affine
+    for rnd, frozen in ((1, False), (2, False), (3, True), (4, True)):
+        back = app(message(cfg, arrays, rnd=rnd), context(cfg)).content["arrays"]
+        back = back.to_torch_state_dict()
+        moved = [k for k in stats if not torch.equal(back[k], sent[k])]
+        assert (moved == []) == frozen, (rnd, moved)
+        assert all(not torch.equal(back[k], sent[k]) for k in affine), rnd

@@ -18,7 +18,7 @@ from helpers import InProcessGrid, set_task_identity, small_config
 from app.config import ConfigError, build
 from app.learn.classifier import FedwsClassifier
 from app.learn.runtime import dataset, new_module
-from app.learn.server_optim import SERVER_OPTIMIZERS
+from app.learn.server_optim import SERVER_OPTIMIZERS, FedAdam
 from app.learn.state import state_policy
 from app.learn.trainer import tensor_loader
 from clients.client_app import app as client_app
@@ -202,7 +202,7 @@ def test_strategy_hyper_parameters_come_from_config():
     prox = strategy_of("federation.strategy=fedprox", "federation.proximal_mu=0.3")
     assert isinstance(prox, fl.FedProx) and prox.proximal_mu == 0.3
     adam = strategy_of("federation.strategy=fedadam", "federation.eta=0.02").server_optimizer
-    assert isinstance(adam.optimizer, torch.optim.Adam)
+    assert isinstance(adam.optimizer, FedAdam)  # Reddi et al.'s Algorithm 2, not torch's Adam
     assert adam.optimizer.defaults["lr"] == 0.02 and adam.optimizer.defaults["eps"] == 0.001
     assert adam.optimizer.defaults["betas"] == (0.9, 0.99)  # unset: Flower's defaults
     sampled = strategy_of("federation.fraction_train=0.5")

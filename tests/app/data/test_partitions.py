@@ -13,7 +13,6 @@ from app.data.partitions import (
     label_entropy,
     make_shard,
     partition_indices,
-    quantity_sizes,
     split_train_val,
 )
 from app.errors import DataError
@@ -23,6 +22,7 @@ LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 300))
 
 
 def parts_for(kind: str, **kw) -> list[np.ndarray]:
+    kw.setdefault("seed", 0)
     return partition_indices(LABELS, PartitionConfig(kind=kind, num_clients=10, **kw))
 
 
@@ -81,9 +81,15 @@ def test_quantity_skew_varies_sizes_but_not_labels():
     assert label_entropy(label_counts(LABELS, [parts[big]], 10))[0] > 3.2
 
 
-def test_quantity_sizes_refuse_an_impossible_minimum():
+def test_quantity_skew_refuses_an_impossible_minimum():
+    p = PartitionConfig(kind="quantity", num_clients=10, min_partition_size=6, seed=0)
     with pytest.raises(DataError, match="min_partition_size"):
-        quantity_sizes(50, PartitionConfig(kind="quantity", num_clients=10, min_partition_size=6))
+        partition_indices(LABELS[:50], p)
+
+
+def test_a_partition_outside_a_run_config_must_name_its_seed():
+    with pytest.raises(ValueError, match="unresolved"):
+        partition_indices(LABELS, PartitionConfig(kind="iid"))
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet", "pathological", "shards", "quantity"])
@@ -98,10 +104,12 @@ def test_impossible_dirichlet_is_a_clear_data_error():
     with pytest.raises(DataError, match=r"data\.partition \(dirichlet\)"):
         partition_indices(
             LABELS[:100],
-            PartitionConfig(kind="dirichlet", num_clients=10, alpha=0.01, min_partition_size=10),
+            PartitionConfig(
+                kind="dirichlet", num_clients=10, alpha=0.01, min_partition_size=10, seed=0
+            ),
         )
     with pytest.raises(DataError, match="only 5 training samples"):
-        partition_indices(LABELS[:5], PartitionConfig(num_clients=10))
+        partition_indices(LABELS[:5], PartitionConfig(num_clients=10, seed=0))
 
 
 def test_label_entropy_known_values():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import small_config
+from helpers import set_task_identity, small_config
 from torch import nn
 
 from app.learn.server_optim import ServerOptimizer, Yogi
@@ -62,8 +62,7 @@ def hand(strategy: str, p0: np.ndarray, means: list[np.ndarray], h: dict) -> lis
         elif strategy == "fedadam":
             m = h["beta_1"] * m + (1 - h["beta_1"]) * g
             v = h["beta_2"] * v + (1 - h["beta_2"]) * g * g
-            m_hat, v_hat = m / (1 - h["beta_1"] ** t), v / (1 - h["beta_2"] ** t)
-            w = w - h["eta"] * m_hat / (np.sqrt(v_hat) + h["tau"])
+            w = w - h["eta"] * m / (np.sqrt(v) + h["tau"])  # Algorithm 2: no bias correction
         elif strategy == "fedyogi":
             m = h["beta_1"] * m + (1 - h["beta_1"]) * g
             v = v - (1 - h["beta_2"]) * g * g * np.sign(v - g * g)
@@ -118,6 +117,35 @@ def test_yogi_second_moment_moves_by_at_most_the_squared_gradient():
         p.grad = torch.tensor([grad])
         opt.step()
         assert opt.state[p]["exp_avg_sq"].item() == pytest.approx(v)
+
+
+def test_fedadam_is_flowers_fedadam_with_its_bias_factor_divided_out(monkeypatch):
+    """Flower's FedAdam scales eta by sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) in round t: with eta
+    divided by that factor each round it must take fedws's (Algorithm 2) steps."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
+
+    set_task_identity(monkeypatch)
+    h = CASES["fedadam"][1]
+    start, means, states = run_two_rounds("fedadam")
+    keys = (W, B)
+    flower = FlowerFedAdam(beta_1=h["beta_1"], beta_2=h["beta_2"], tau=h["tau"])
+    flower.current_arrays = {k: start[k].numpy().astype(np.float64) for k in keys}
+    for t, (mean, state) in enumerate(zip(means, states, strict=True), start=1):
+        factor = np.sqrt(1 - h["beta_2"] ** (t + 1)) / (1 - h["beta_1"] ** (t + 1))
+        flower.eta = h["eta"] / factor
+        arrays = ArrayRecord({k: Array(mean[k].numpy().astype(np.float64)) for k in keys})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+        reply = Message(content=content, dst_node_id=1, message_type="train")
+        new, _ = flower.aggregate_train(t, [reply])
+        got = {k: v.numpy() for k, v in new.items()}
+        for k in keys:
+            np.testing.assert_allclose(state[k].numpy(), got[k], rtol=1e-5, atol=1e-7)
+        flower.current_arrays = got
+    unscaled = hand("fedadam", start[W].numpy(), [m[W].numpy() for m in means], h)[0]
+    factor_1 = np.sqrt(1 - h["beta_2"] ** 2) / (1 - h["beta_1"] ** 2)
+    step_ours, step_flower = unscaled - start[W].numpy(), factor_1 * (unscaled - start[W].numpy())
+    assert not np.allclose(step_ours, step_flower)  # the two differ as documented
 
 
 def test_state_survives_a_save_and_restore():

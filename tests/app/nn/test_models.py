@@ -19,17 +19,49 @@ from app.nn.models import (
 )
 from app.nn.norms import NORMS, get_norm, group_norm
 
-INPUTS = {"cnn": [(1, 28), (3, 32)], "resnet20": [(3, 32), (1, 28)]}
-BATCH_INDEPENDENT = ["gn", "ln", "ws_gn", "nf", "nf_se"]
+INPUTS = {
+    "cnn": [(1, 28), (3, 32)],
+    "resnet20": [(3, 32), (1, 28)],
+    "simple_cnn": [(1, 28), (3, 32)],
+}
+BATCH_INDEPENDENT = ["none", "gn", "ln", "ws_gn", "nf", "nf_se"]
 
 
 def test_registries_hold_the_documented_names():
-    assert set(NORMS) == {"bn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se"}
-    assert {"cnn", "resnet20"} <= set(list_models())
+    assert set(NORMS) == {"none", "bn", "fixbn", "gn", "ln", "ws_gn", "ws_bn", "nf", "nf_se"}
+    assert {"cnn", "resnet20", "simple_cnn"} <= set(list_models())
+
+
+def test_simple_cnn_with_none_is_niid_benchs_network_with_its_parameter_counts():
+    """NIID-Bench's SimpleCNNMNIST (fc 16*4*4) and SimpleCNN (fc 16*5*5), counted by hand:
+    conv 1->6 5x5 + bias 156, conv 6->16 2,416, fc 256->120 30,840, 120->84 10,164, 84->10 850."""
+    fmnist = build_model("simple_cnn", "none", 1, 10)
+    assert count_parameters(fmnist) == 156 + 2416 + 30840 + 10164 + 850 == 44426
+    cifar = build_model("simple_cnn", "none", 3, 10)
+    assert count_parameters(cifar) == 456 + 2416 + 48120 + 10164 + 850 == 62006
+    assert not has_normalization(fmnist)
+    convs = [m for m in fmnist.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 6, (5, 5), (0, 0)),
+        (6, 16, (5, 5), (0, 0)),
+    ]
+    assert all(type(c) is nn.Conv2d and c.bias is not None for c in convs)
+    linears = [
+        (m.in_features, m.out_features) for m in fmnist.modules() if isinstance(m, nn.Linear)
+    ]
+    assert linears == [(256, 120), (120, 84), (84, 10)]
+    assert count_parameters(build_model("simple_cnn", "none", 3, 10, image_size=64)) > 62006
+
+
+def test_norm_none_has_no_normalization_layer_in_any_arch():
+    for arch in list_models():
+        model = build_model(arch, "none", 3, 10)
+        assert not has_normalization(model), arch
+        assert all(c.bias is not None for c in model.modules() if isinstance(c, nn.Conv2d))
 
 
 def test_unknown_norm_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown norm 'batchnorm'; known norms: bn, gn"):
+    with pytest.raises(ValueError, match="unknown norm 'batchnorm'; known norms: none, bn, fixbn"):
         get_norm("batchnorm")
 
 
@@ -137,7 +169,9 @@ def test_ws_models_have_no_plain_conv(arch, norm):
 @pytest.mark.parametrize("arch", list_models())
 def test_batchnorm_only_where_the_norm_says(arch):
     for norm in NORMS:
-        assert has_batchnorm(build_model(arch, norm, 3, 10)) == (norm in ("bn", "ws_bn")), norm
+        assert has_batchnorm(build_model(arch, norm, 3, 10)) == (
+            norm in ("bn", "fixbn", "ws_bn")
+        ), norm
 
 
 def test_bn_model_trains_on_a_single_sample_batch():

@@ -160,5 +160,5 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        "fedws: config error: model.arch: got 'vgg'; allowed: cnn, resnet20"
+        "fedws: config error: model.arch: got 'vgg'; allowed: cnn, resnet20, simple_cnn"
     ]

@@ -61,6 +61,53 @@ def test_partitions_writes_table_csv_and_heatmap(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _partitions_csv(tmp_path: Path, name: str, *sets: str) -> str:
+    config = tmp_path / "small.yaml"
+    raw = {**SMALL, "data": {**SMALL["data"], "partition": {"kind": "dirichlet", "alpha": 0.5}}}
+    config.write_text(yaml.safe_dump(raw))
+    args = ["partitions", str(config), "-o", str(tmp_path / name)]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    return (tmp_path / name / "partitions.csv").read_text()
+
+
+def test_the_seed_draws_the_partition_unless_the_partition_seed_pins_it(tmp_path, capsys):
+    seed0 = _partitions_csv(tmp_path, "a", "seed=0")
+    seed1 = _partitions_csv(tmp_path, "b", "seed=1")
+    assert seed0 != seed1
+    pinned0 = _partitions_csv(tmp_path, "c", "seed=0", "data.partition.seed=7")
+    pinned1 = _partitions_csv(tmp_path, "d", "seed=1", "data.partition.seed=7")
+    assert pinned0 == pinned1 and pinned0 not in (seed0, seed1)
+    out = capsys.readouterr().out
+    assert "data seed 1 (the run's seed)" in out and "data seed 7 (pinned)" in out
+
+
+def test_a_folder_holding_a_run_is_refused_and_left_as_it_was(tmp_path, capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    out.mkdir()
+    files = {"config.yaml": "seed: 0\n", "metrics.csv": "round\n0\n", "summary.json": "{}"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    assert main(["run", str(config), "-o", str(out), "--set", "federation.rounds=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a run" in err and "--overwrite" in err
+    assert {p.name: p.read_text() for p in out.iterdir()} == files  # nothing written
+    assert main(["run", str(config), "-o", str(out), "--resume", "--overwrite"]) == 2
+
+
+def test_run_dry_run_prints_the_resolved_config_and_partition_and_writes_nothing(tmp_path, capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    assert main(["run", str(config), "-o", str(out), "--dry-run", "--set", "seed=4"]) == 0
+    text = capsys.readouterr().out
+    resolved = yaml.safe_load(text.split("# the partition", 1)[0])
+    assert resolved["seed"] == 4 and resolved["data"]["partition"]["seed"] == 4
+    assert "iid, 4 clients, data seed 4" in text and "mean label entropy" in text
+    assert not out.exists()
+
+
 def test_models_table_has_every_arch_and_norm(capsys):
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -72,8 +72,9 @@ def test_accuracy_table_shows_mean_and_ci_over_seeds():
     # bn iid: 0.82 ± 4.303*0.02/sqrt(3) = 0.0497; ws_gn iid: mean 0.83, std 0.034641 -> 0.0861
     assert table[2] == "| bn | 0.8200 ± 0.0497 | 0.6200 ± 0.0497 |"
     assert table[3] == "| ws_gn | **0.8300 ± 0.0861** | **0.7000 ± 0.0248** |"
-    # two seeds: t(1) = 12.706, std 0.007071 -> 0.0635, and n shown since it is below 3
-    assert table[4] == "| bn, fedbn | 0.1050 ± 0.0635 (n=2) | 0.1100 ± 0.0248 |"
+    # two seeds: t(1) = 12.706, std 0.007071 -> 0.0635, marked since n is below 3
+    few = "(n=2: too few seeds, wide interval)"
+    assert table[4] == f"| bn, fedbn | 0.1050 ± 0.0635 {few} | 0.1100 ± 0.0248 |"
 
 
 def test_paired_table_against_bn_fedavg_by_hand():
@@ -83,7 +84,9 @@ def test_paired_table_against_bn_fedavg_by_hand():
     # Dir(0.1): diffs 0.10, 0.07, 0.07: mean 0.08, std 0.017321 -> ± 0.0430, won 3/3
     assert table[2] == "| ws_gn | +0.0100 ± 0.0497, won 2/3 | +0.0800 ± 0.0430, won 3/3 |"
     # fedbn - bn, iid: seeds 0 and 1 only: diffs -0.70, -0.71 -> ± 12.706 * 0.005 = 0.0635
-    assert table[3].startswith("| bn, fedbn | -0.7050 ± 0.0635, won 0/2 | ")
+    assert table[3].startswith(
+        "| bn, fedbn | -0.7050 ± 0.0635, won 0/2 (too few seeds, wide interval) | "
+    )
 
 
 def domain_cell(norm: str, strategy: str, seed: int, accs: dict[str, float]) -> CellResult:
@@ -102,12 +105,20 @@ def test_domain_table_and_its_paired_differences_by_hand():
     table = domain_table(cells).splitlines()
     assert table[0] == "| | mnist | svhn | mean |"
     # bn mean per seed: 0.70, 0.73 -> 0.715 ± 12.706 * 0.021213 / sqrt(2) = 0.1906
-    assert table[2] == "| bn | **0.9100 ± 0.1271** | 0.5200 ± 0.2541 | 0.7150 ± 0.1906 |"
+    # two seeds each: every interval marked, nothing bolded
+    few = "(n=2: too few seeds, wide interval)"
+    assert (
+        table[2]
+        == f"| bn | 0.9100 ± 0.1271 {few} | 0.5200 ± 0.2541 {few} | 0.7150 ± 0.1906 {few} |"
+    )
     # nf: mnist 0.90 ± 0.1271; svhn 0.61 ± 0.1271; mean per seed 0.755, 0.755 -> ± 0
-    assert table[3] == "| nf | 0.9000 ± 0.1271 | **0.6100 ± 0.1271** | **0.7550 ± 0.0000** |"
+    assert (
+        table[3]
+        == f"| nf | 0.9000 ± 0.1271 {few} | 0.6100 ± 0.1271 {few} | 0.7550 ± 0.0000 {few} |"
+    )
     paired = paired_table(cells, domains=True).splitlines()
     # mean diffs per seed: 0.055, 0.025 -> 0.04 ± 12.706 * 0.021213 / sqrt(2) = 0.1906
-    assert paired[2].endswith("| +0.0400 ± 0.1906, won 2/2 |")
+    assert paired[2].endswith("| +0.0400 ± 0.1906, won 2/2 (too few seeds, wide interval) |")
 
 
 def test_a_diverged_seed_is_left_out_of_the_pairs_and_said_so():
@@ -116,7 +127,10 @@ def test_a_diverged_seed_is_left_out_of_the_pairs_and_said_so():
     cells = [c for c in RESULTS if c.id != "ws_gn-iid-2"] + [lost]
     table = paired_table(cells).splitlines()
     # ws_gn - bn, iid on seeds 0 and 1: diffs 0.01, -0.01 -> 0.00 ± 12.706 * 0.014142 / sqrt(2)
-    assert table[2].startswith("| ws_gn | +0.0000 ± 0.1271, won 1/2 (1 diverged seed(s) left out)")
+    assert table[2].startswith(
+        "| ws_gn | +0.0000 ± 0.1271, won 1/2 (too few seeds, wide interval) "
+        "(1 diverged seed(s) left out)"
+    )
 
 
 def test_a_baseline_naming_no_row_is_said_not_silently_skipped():

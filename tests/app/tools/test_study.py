@@ -11,7 +11,8 @@ import yaml
 from helpers import FEDWS, REPO, SMALL, InProcessGrid, set_task_identity
 
 from app.config import ConfigError, load_config
-from app.tools.study import cell_id, load_study, run_study
+from app.tools.run import preflight
+from app.tools.study import cell_id, dry_run_text, load_study, run_study
 from app.tools.study_report import accuracy_table, load_results, write_report
 from clients.client_app import app as client_app
 from server.server_app import run_federation
@@ -57,6 +58,7 @@ def in_process(fail: tuple[str, ...] = (), launched: list[str] | None = None):
         if out.name in fail:
             raise RuntimeError("injected failure")
         cfg = load_config(config)
+        preflight(cfg, out, overwrite=True)  # as both real launchers do
         run_federation(InProcessGrid(client_app, cfg.data.partition.num_clients), cfg, out)
         return None
 
@@ -127,6 +129,25 @@ def test_resume_skips_completed_cells_and_reruns_the_rest(tmp_path):
     (out / "runs" / "norm-ws_gn_partition-iid" / "summary.json").unlink()  # "interrupted"
     run_study(study, out, launch=in_process(launched=launched), echo=lambda m: None)
     assert launched == ["norm-ws_gn_partition-iid"]
+
+
+def test_a_cell_finished_with_other_settings_is_stale_and_runs_again(tmp_path):
+    path = write_study(tmp_path, GRID)
+    out, launched, said = tmp_path / "out", [], []
+    run_study(load_study(path), out, launch=in_process(), echo=lambda m: None)
+    logging_only = load_study(path, ["logging.experiment=elsewhere"])
+    run_study(logging_only, out, launch=in_process(launched=launched), echo=said.append)
+    assert launched == [] and "4 already finished, 0 to run (0 stale" in said[0]
+
+    three = load_study(path, ["federation.rounds=3"])
+    assert "stale" in dry_run_text(three, out) and "4 stale" in dry_run_text(three, out)
+    said.clear()
+    run_study(three, out, launch=in_process(launched=launched), echo=said.append)
+    assert len(launched) == 4 and "0 already finished, 4 to run (4 stale" in said[0]
+    for cell in three.cells:
+        rows = read_rows(out / "runs" / cell.id / "metrics.csv")
+        assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]  # trained anew to round 3
+    assert "4 finished, 0 stale" in dry_run_text(three, out)
 
 
 def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
@@ -235,7 +256,7 @@ def test_results_name_the_validation_selected_round_and_never_mix_client_metrics
     )
 
 
-def test_report_table_is_mean_and_std_over_seeds_with_best_in_bold(tmp_path):
+def test_report_table_is_the_seed_mean_of_each_group_and_two_seeds_bold_nothing(tmp_path):
     study = load_study(
         write_study(tmp_path, {"grid": {**GRID["grid"], "seed": [0, 1]}}),
     )
@@ -248,17 +269,13 @@ def test_report_table_is_mean_and_std_over_seeds_with_best_in_bold(tmp_path):
     assert [line.split(" | ")[0] for line in body] == ["| bn", "| ws_gn"]
     assert all("±" in line for line in body)
     cols = ["iid", "Dir(0.5)"]
-    for i, col in enumerate(cols, start=1):  # the bold entry is the best row's mean, only it
-        means = {
-            row: np.mean([c.final for c in cells if c.row == row and c.column == col])
-            for row in ("bn", "ws_gn")
-        }
-        assert means["bn"] != means["ws_gn"]  # no tie, so one bold entry
-        best = max(means, key=means.get)
-        bold = [line.split(" | ")[0][2:] for line in body if "**" in line.split(" | ")[i]]
-        assert bold == [best], (col, means, table)
-        cell = next(line for line in body if line.startswith(f"| {best} ")).split(" | ")[i]
-        assert cell.startswith(f"**{means[best]:.4f} ± ")
+    for i, col in enumerate(cols, start=1):  # each entry: its two runs' mean, marked
+        for row in ("bn", "ws_gn"):
+            finals = [c.final for c in cells if c.row == row and c.column == col]
+            assert len(finals) == 2
+            entry = next(line for line in body if line.startswith(f"| {row} ")).split(" | ")[i]
+            assert entry.startswith(f"{np.mean(finals):.4f} ± ") and "too few seeds" in entry
+    assert "**" not in "\n".join(body)  # two seeds: no winner is bolded
 
 
 def test_report_explains_why_with_diagnostics_and_names_switch_axes(tmp_path):
