@@ -7,6 +7,8 @@ here a ``numpy.random.RandomState(seed)`` and a ``random.Random(seed)`` make the
 same order, so for the same labels (the official training split, in its order) and seed every
 client gets the indices NIID-Bench's client gets.
 
+- ``iid`` (NIID-Bench's ``homo``): a permutation of all indices split into n nearly equal
+  parts (``array_split``).
 - ``dirichlet``: per class k (in label order), shuffle its indices, draw p ~ Dir(beta) over the
   clients; balanced (NIID-Bench): a client already holding at least N / n samples gets p = 0,
   the rest renormalised; split the class at ``cumsum(p) * n_k`` (truncated). The whole draw
@@ -28,6 +30,11 @@ import numpy as np
 from app.errors import DataError
 
 MAX_DRAWS = 10_000  # NIID-Bench loops until its minimum size is met; fedws gives up here
+
+
+def iid(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    idxs = np.random.RandomState(seed).permutation(num_samples)
+    return [part.astype(np.int64) for part in np.array_split(idxs, num_clients)]
 
 
 def dirichlet(

@@ -1,17 +1,16 @@
 """Non-IID partitions of a training split into client shards (NIID-Bench's taxonomy,
-Li et al. 2022, arXiv 2102.02079), built with flwr-datasets partitioners.
+Li et al. 2022, arXiv 2102.02079).
 
-The partitioners run over an in-memory ``datasets.Dataset`` of two columns, ``idx`` and
-``label``, shuffled by the partition seed; the images never leave their tensor. Each client's
-indices are then split into local train/val by the same seed, and the shard is held as
-normalized float tensors (no per-sample transform in the training loop).
-
-Kinds: ``iid``; ``dirichlet`` label skew Dir(alpha), balanced unless ``balanced: false``;
-``pathological`` #C=k classes per client; ``shards`` (sorted-label shards, McMahan et al. 2017);
-``quantity`` skew (client sizes from Dir(alpha), IID labels); ``dirichlet``, ``pathological``
-and ``quantity`` are drawn exactly as NIID-Bench's code draws them (``app.data.niid_bench``);
-``feature`` skew (IID labels, a per-client noise/contrast/rotation);
-``domains`` (each client's images from one domain, ``app.data.domains``).
+Kinds: ``iid`` (NIID-Bench's ``homo``); ``dirichlet`` label skew Dir(alpha), balanced unless
+``balanced: false``; ``pathological`` #C=k classes per client; ``quantity`` skew (client sizes
+from Dir(alpha), IID labels); ``feature`` skew (an IID split, then a per-client
+noise/contrast/rotation); these are drawn exactly as NIID-Bench's code draws them
+(``app.data.niid_bench``). ``shards`` (sorted-label shards, McMahan et al. 2017) comes from
+flwr-datasets' partitioner, run over an in-memory ``datasets.Dataset`` of two columns, ``idx``
+and ``label``, shuffled by the data seed; ``domains`` gives each client the images of one
+domain (``app.data.domains``); ``natural`` one client per value of a column. The images never
+leave their tensor: each client's indices are then split into local train/val by the same
+seed, and the shard is held as float tensors (no per-sample transform in the training loop).
 """
 
 from __future__ import annotations
@@ -33,12 +32,10 @@ from app.errors import DataError
 
 
 def _partitioner(p: PartitionConfig):
-    """flwr-datasets' partitioner for the kinds NIID-Bench's code does not define."""
+    """flwr-datasets' partitioner for the kind NIID-Bench's code does not define."""
     from flwr_datasets import partitioner as fp
 
     n = p.num_clients
-    if p.kind in ("iid", "feature"):
-        return fp.IidPartitioner(num_partitions=n)
     if p.kind == "shards":
         return fp.ShardPartitioner(
             num_partitions=n,
@@ -51,6 +48,8 @@ def _partitioner(p: PartitionConfig):
 
 def _niid_bench(labels: np.ndarray, p: PartitionConfig) -> list[np.ndarray]:
     """The kinds drawn as NIID-Bench's own code draws them (``app.data.niid_bench``)."""
+    if p.kind in ("iid", "feature"):  # feature skew: an IID split, then per-client shifts
+        return niid_bench.iid(len(labels), p.num_clients, p.data_seed)
     if p.kind == "dirichlet":
         return niid_bench.dirichlet(
             labels,
@@ -67,7 +66,7 @@ def _niid_bench(labels: np.ndarray, p: PartitionConfig) -> list[np.ndarray]:
     )
 
 
-NIID_BENCH_KINDS = ("dirichlet", "pathological", "quantity")
+NIID_BENCH_KINDS = ("iid", "feature", "dirichlet", "pathological", "quantity")
 
 
 def partition_indices(

@@ -21,7 +21,11 @@ def reference(labels: np.ndarray, partition: str, n_parties: int, beta: float, s
     random.seed(seed)
     y_train, K, N = labels, 10, labels.shape[0]
     net_dataidx_map = {}
-    if partition == "noniid-labeldir":
+    if partition == "homo":
+        idxs = np.random.permutation(N)
+        batch_idxs = np.array_split(idxs, n_parties)
+        net_dataidx_map = {i: batch_idxs[i] for i in range(n_parties)}
+    elif partition == "noniid-labeldir":
         min_size, min_require_size = 0, 10
         while min_size < min_require_size:
             idx_batch = [[] for _ in range(n_parties)]
@@ -93,6 +97,7 @@ def reference(labels: np.ndarray, partition: str, n_parties: int, beta: float, s
 LABELS = np.random.default_rng(5).choice(10, size=2000, p=np.linspace(0.05, 0.15, 10))
 
 CASES = [
+    ("homo", {"kind": "iid"}, 0.5),
     ("noniid-labeldir", {"kind": "dirichlet", "alpha": 0.5}, 0.5),
     ("noniid-labeldir", {"kind": "dirichlet", "alpha": 0.1}, 0.1),
     ("noniid-#label1", {"kind": "pathological", "classes_per_client": 1}, 0.5),
