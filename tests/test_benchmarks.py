@@ -21,6 +21,7 @@ from app.learn.runtime import dataset, new_module, round_seed, shard  # noqa: E4
 from app.learn.trainer import make_trainer, tensor_loader  # noqa: E402
 
 
+
 def test_summary_is_median_and_spread():
     s = measure.summary([3.0, 1.0, 2.0, 10.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
@@ -28,6 +29,7 @@ def test_summary_is_median_and_spread():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+@pytest.mark.slow  # runs the script in a process of its own
 def test_gpu_script_says_there_is_no_gpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
@@ -109,6 +111,7 @@ def test_fit_only_federation_is_fedavg_of_the_clients_fits():
     assert r["final_accuracy"] == pytest.approx(metrics["test_acc"])
 
 
+@pytest.mark.slow  # starts the floor's worker processes
 def test_the_federation_floor_averages_what_its_workers_trained():
     """The floor's worker processes send each client's weights back as they were after that
     client's fit (not as the worker's model is later): the same global model as the floor run

@@ -13,10 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import FEDWS, REPO, bare_env, free_port, pids_with, stop_process_group
 
 from app.tools.cli import main
+
+pytestmark = pytest.mark.slow  # starts Ray or Flower processes
 
 BIN = Path(sys.executable).parent
 

@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import FEDWS, REPO, bare_env, free_port, pids_with, stop_process_group
+
+pytestmark = pytest.mark.slow  # starts Ray or Flower processes
 
 
 def superlinks_of(flwr_home: Path) -> list[int]:

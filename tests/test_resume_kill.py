@@ -16,6 +16,8 @@ import torch
 import yaml
 from helpers import FEDWS, REPO
 
+pytestmark = pytest.mark.slow  # starts Ray or Flower processes
+
 ROUNDS = 6
 CONFIG = {
     "seed": 3,

@@ -15,6 +15,8 @@ from helpers import FEDWS, REPO
 
 from server.sampling import TRAIN, sample_partitions
 
+pytestmark = pytest.mark.slow  # starts Ray or Flower processes
+
 CONFIG = {
     "seed": 1,
     "data": {

@@ -211,6 +211,7 @@ def test_normalize_uses_training_split_statistics():
     reason="the Debian package dataset-fashion-mnist is not installed (sudo apt-get install "
     "dataset-fashion-mnist; .ci/run installs it)",
 )
+@pytest.mark.slow  # reads the real dataset
 def test_real_fashion_mnist_from_the_debian_package(no_fedws_data):
     """The quick start's data: .ci/run installs the Debian package dataset-fashion-mnist."""
     ds = load_fashion_mnist()

@@ -150,6 +150,7 @@ def test_a_tampered_checkpoint_is_refused_on_resume(tmp_path, capsys):
     assert "not a checkpoint fedws can load safely" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # a fedws process reading the real dataset
 def test_the_console_script_prints_no_traceback(tmp_path):
     (tmp_path / "c.yaml").write_text("model: {arch: vgg}\n")
     proc = subprocess.run(

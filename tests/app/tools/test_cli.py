@@ -117,6 +117,7 @@ def test_models_table_has_every_arch_and_norm(capsys):
     assert bn_column[("cnn", "bn")] == "yes" and bn_column[("resnet20", "nf")] == "no"
 
 
+@pytest.mark.slow  # a fedws process reading the real dataset
 def test_console_script_runs_the_quickstart_partitions(tmp_path):
     """The README's main job, through the installed console script, on the real data."""
     proc = subprocess.run(

@@ -300,6 +300,7 @@ def test_report_explains_why_with_diagnostics_and_names_switch_axes(tmp_path):
         assert (out / "runs" / c.id / "diagnostics.md").is_file()
 
 
+@pytest.mark.slow  # starts Ray
 def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
     """The real path: `fedws study` runs each cell as `fedws run` (Ray), two at a time."""
     path = write_study(tmp_path, GRID)
@@ -334,6 +335,7 @@ def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
             assert (out / "runs" / cell / name).is_file()
 
 
+@pytest.mark.slow  # starts Ray
 def test_a_study_in_one_shared_runtime_gives_each_cell_what_fedws_run_gives(tmp_path):
     """The default path: every cell in one Flower simulation (one Ray start, one pool of client
     processes); each cell's numbers are those of `fedws run` of its config, to the last digit."""
