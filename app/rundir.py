@@ -230,6 +230,19 @@ class StudyDir:
 # --- readers ----------------------------------------------------------------------------------
 
 
+def csv_value(value: Any) -> Any:
+    """A number as a run's CSV files write it: a float that a float32 holds exactly (a metric
+    torchmetrics or the model computed) at float32 precision, ``0.118`` rather than
+    ``0.11800000071525574``; any other value as Python writes it (lossless either way)."""
+    if isinstance(value, float) and math.isfinite(value):
+        import numpy as np
+
+        single = np.float32(value)
+        if float(single) == value:
+            return str(single)
+    return value
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     """Every row of a CSV file as a dict; no rows when the file does not exist."""
     if not path.is_file():

@@ -25,7 +25,7 @@ from app import rundir
 from app.config import Config, dump_config
 from app.learn.diagnostics import summarise
 from app.rundir import CLIENT_COLUMNS, DIAGNOSTIC_COLUMNS, DOMAIN_COLUMNS, METRIC_COLUMNS, RunDir
-from server.tracking import finish_trackers, flat_config, log_artifact, tracked_metrics
+from server.tracking import finish_trackers, flat_config, log_artifact, log_final, tracked_metrics
 from server.tracking import make_loggers as tracking_loggers
 from server.tracking import state as tracking_state
 
@@ -135,7 +135,7 @@ class RunLog:
             logger.save()
         with open(self.clients_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, restval="")
-            writer.writerows(clients)
+            writer.writerows({k: rundir.csv_value(v) for k, v in c.items()} for c in clients)
 
     def best(self) -> dict[str, float] | None:
         """The round chosen on validation data, never on the test split: the highest
@@ -157,12 +157,13 @@ class RunLog:
     ) -> dict[str, Any]:
         """Write ``summary.json``: ``final`` is the last round whose test accuracy was measured
         (the headline), ``best`` the round ``best()`` chose, with the test accuracy at it."""
-        for logger in self.loggers:
-            logger.finalize(status="success" if status in rundir.FINISHED else "failed")
-        finish_trackers(self.loggers)
         last = next((r for r in reversed(self.rows) if not math.isnan(r["test_accuracy"])), None)
         if diverged_round is not None:  # a diverged run has no final model
             last = None
+        log_final(self.trackers, last)
+        for logger in self.loggers:
+            logger.finalize(status="success" if status in rundir.FINISHED else "failed")
+        finish_trackers(self.loggers)
         best = _pick(self.best())
         if best is not None:
             best = {**best, rundir.SELECTED_BY: self.best()[rundir.SELECTED_BY]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from app.rundir import RunDir
 from server.evaluation import GlobalEvaluator
 from server.run_log import RunLog
 from server.strategy import RoundReplies, build_strategy
+from server.tracking import chatter_to
 
 ProgressFn = Callable[[dict[str, float]], None]
 CLIENT_MODELS = "clients"  # domains.csv scored_by: the domain's clients, their own BN layers
@@ -156,12 +158,30 @@ def run_federation(
     flower_log = logging.FileHandler(run.run_log)  # Flower's log of this run, at INFO
     flower_log.setLevel(logging.INFO)
     flower_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s flwr: %(message)s"))
-    logging.getLogger("flwr").addHandler(flower_log)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(flower_log)
+    short = ShortConfigRecords()
+    flwr_logger.addFilter(short)
     try:
-        return _federate(grid, cfg, out, progress, resume)
+        with chatter_to(run.run_log, cfg):  # the trackers' start-up chatter: run.log only
+            return _federate(grid, cfg, out, progress, resume)
     finally:
-        logging.getLogger("flwr").removeHandler(flower_log)
+        flwr_logger.removeFilter(short)
+        flwr_logger.removeHandler(flower_log)
         flower_log.close()
+
+
+class ShortConfigRecords(logging.Filter):
+    """Flower logs the strategy's train and evaluate ConfigRecords in full: the resolved config
+    YAML, twice, in the middle of the log. It is in ``config.yaml``; the log names it."""
+
+    CONFIG = re.compile(rf"('{CONFIG_KEY}': )seed: .*?(?=, '{RUN_KEY}')", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if CONFIG_KEY in message:
+            record.msg, record.args = self.CONFIG.sub(r"\1<config.yaml>", message), ()
+        return True
 
 
 def _federate(

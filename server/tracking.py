@@ -23,10 +23,13 @@ import importlib.util
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from app import rundir
 from app.config import Config
@@ -60,8 +63,85 @@ def mlflow_uri(cfg: Config, out: Path) -> str:
     return cfg.logging.mlflow_uri or f"sqlite:///{out.resolve().parent / MLFLOW_DB}"
 
 
+def mlflow_artifacts(uri: str) -> str | None:
+    """Where a new MLflow experiment keeps its artifacts: beside a local store (a SQLite
+    database's folder, or a file store's own), never MLflow's default ``./mlruns`` of whatever
+    folder the command ran in; None (the server decides) for a tracking server."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).resolve().parent / MLFLOW_ARTIFACTS)
+    return None  # a file store keeps them under itself; a server decides for itself
+
+
+# the loggers whose start-up lines go to run.log only, and the level they are kept at there
+CHATTY = {
+    "mlflow": logging.INFO,
+    "alembic": logging.INFO,
+    "sqlalchemy": logging.WARNING,  # its INFO is a line per mapped column
+    "lightning.pytorch.loggers.mlflow": logging.INFO,
+    "py.warnings": logging.WARNING,
+}
+
+
+@contextmanager
+def chatter_to(log_file: Path, cfg: Config) -> Iterator[None]:
+    """Inside: the trackers' start-up chatter (MLflow's and SQLAlchemy's table creation,
+    "experiment not found, creating", library warnings) goes to ``log_file`` only, off the
+    console; their handlers and Python's warning display are restored after."""
+    if "mlflow" in tracker_names(cfg):
+        import mlflow  # noqa: F401 - its import sets up its own console handler: first, then ours
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {}
+    for name, level in CHATTY.items():
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate, logger.level)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(level)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for name, (handlers, propagate, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
+
+
 def experiment(cfg: Config) -> str:
     return cfg.logging.experiment or DEFAULT_EXPERIMENT
+
+
+class _MetricsWriter(ExperimentWriter):
+    """Lightning's CSV writer, writing ``metrics.csv`` as documented: the columns in
+    ``rundir.METRIC_COLUMNS`` order (any other after them), no ``step`` column (``round`` is
+    the step), float32 values at float32 precision (``rundir.csv_value``)."""
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics_dict.items()}
+        self.metrics.append({k: rundir.csv_value(v) for k, v in values.items()})
+
+    def _record_new_keys(self) -> set[str]:
+        current = set().union(*self.metrics)
+        new = current - set(self.metrics_keys)
+        known = set(self.metrics_keys) | current
+        self.metrics_keys[:] = [c for c in rundir.METRIC_COLUMNS if c in known] + sorted(
+            known - set(rundir.METRIC_COLUMNS)
+        )
+        return new
+
+
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` writing the run directory's ``metrics.csv`` (``_MetricsWriter``)."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _MetricsWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def make_loggers(cfg: Config, out: Path, resume: dict[str, Any] | None = None) -> list[Logger]:
@@ -69,29 +149,24 @@ def make_loggers(cfg: Config, out: Path, resume: dict[str, Any] | None = None) -
     in the interrupted run (the MLflow run to continue)."""
     check_installed(cfg)
     resume = resume or {}
-    loggers: list[Logger] = [CSVLogger(save_dir=out, name="", version="")]
+    loggers: list[Logger] = [RunCSVLogger(save_dir=out, name="", version="")]
     for name in tracker_names(cfg)[1:]:
         if name == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            # default_hp_metric: the config is written as hparams with a placeholder metric
+            # the config as hparams, with Lightning's placeholder hp_metric (-1) that the final
+            # test accuracy replaces at the end (log_final): the HParams view's column
             loggers.append(TensorBoardLogger(save_dir=out, name=rundir.TENSORBOARD, version=""))
         elif name == "mlflow":
             from lightning.pytorch.loggers import MLFlowLogger
 
-            logging.getLogger("mlflow").setLevel(logging.WARNING)  # store set-up chatter
+            uri = mlflow_uri(cfg, out)
             loggers.append(
                 MLFlowLogger(
                     experiment_name=experiment(cfg),
                     run_name=out.name,
-                    tracking_uri=mlflow_uri(cfg, out),
-                    # with the default store, artifacts beside it, never in the working folder;
-                    # a store of the user's keeps its own artifact location
-                    artifact_location=(
-                        None
-                        if cfg.logging.mlflow_uri
-                        else str(out.resolve().parent / MLFLOW_ARTIFACTS)
-                    ),
+                    tracking_uri=uri,
+                    artifact_location=mlflow_artifacts(uri),
                     run_id=resume.get("mlflow_run_id"),
                 )
             )
@@ -142,6 +217,15 @@ def state(loggers: list[Logger]) -> dict[str, Any]:
         elif type(logger).__name__ == "WandbLogger":
             found["wandb_run_id"] = logger.version
     return found
+
+
+def log_final(loggers: list[Logger], final: dict[str, float] | None) -> None:
+    """TensorBoard's ``hp_metric`` (its hparams view's column): the final test accuracy, at
+    the final round."""
+    for logger in loggers:
+        if type(logger).__name__ == "TensorBoardLogger" and final is not None:
+            step = int(final["round"])
+            logger.log_metrics({"hp_metric": float(final["test_accuracy"])}, step=step)
 
 
 def finish_trackers(loggers: list[Logger]) -> None:

@@ -175,6 +175,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             isolated=args.isolated,
         )
+    print(f"writing the study report: {StudyDir(out).report} with its tables and figures")
     report = write_report(out)
     failed = sorted(cid for cid, status in statuses.items() if status not in FINISHED)
     print(f"wrote {StudyDir(out).results} and {report}")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-LEVELS = ("debug", "info", "warning", "error")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes: the console's, never the file's
 RAY_LINE = re.compile(r"^\s*(\x1b\[[0-9;]*m)*\((raylet|[\w.]+ pid=\d+|pid=\d+)[^)]*\)")
 
 
@@ -53,7 +53,7 @@ class _Tee:
                     self.console.write(piece)
 
     def _end_line(self) -> None:
-        self.log.write(self.line.rsplit("\r", 1)[-1] + "\n")
+        self.log.write(ANSI.sub("", self.line.rsplit("\r", 1)[-1]) + "\n")
         if not self.held:
             self.console.write("\n")
         elif self.workers or not RAY_LINE.match(self.line):

@@ -7,6 +7,7 @@ here means a move to ``flwr run`` (or a newer API) touches this module only.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -46,7 +47,9 @@ def run_simulation(
     verbose: bool = False,
 ) -> None:
     """Run ``server_app`` against fedws's ClientApp on ``num_clients`` simulated SuperNodes
-    (Ray backend); each node gets ``partition-id`` / ``num-partitions`` in its node config."""
+    (Ray backend); each node gets ``partition-id`` / ``num-partitions`` in its node config.
+    Says so first: Ray and its client processes take seconds to start before round 1."""
+    print(starting_line(num_clients, num_cpus, num_gpus, ray_num_cpus, ray_address), flush=True)
     flwr_logger = logging.getLogger("flwr")
     known = _DropKnownNotices()
     flwr_logger.addFilter(known)
@@ -63,6 +66,28 @@ def run_simulation(
             )
     finally:
         flwr_logger.removeFilter(known)
+
+
+def starting_line(
+    num_clients: int,
+    num_cpus: float,
+    num_gpus: float,
+    ray_num_cpus: int | None = None,
+    ray_address: str | None = None,
+) -> str:
+    """What the runtime is about to start: Flower's Ray backend runs as many client processes
+    as the CPUs (and GPUs) hold clients of the requested size, at most one per client."""
+    each = f"{num_cpus:g} CPU" + (f", {num_gpus:g} GPU" if num_gpus else "") + " each"
+    if ray_address is not None:
+        where = f"on the Ray cluster at {ray_address} ({each})"
+    else:
+        cpus = ray_num_cpus or os.cpu_count() or 1
+        processes = max(1, min(num_clients, int(cpus // num_cpus)))
+        where = f"on {processes} client process{'es' if processes > 1 else ''} ({each})"
+    return (
+        f"starting Flower simulation: {num_clients} clients {where}; round 1 begins once Ray "
+        "and the client processes are up"
+    )
 
 
 class _DropKnownNotices(logging.Filter):

@@ -398,8 +398,11 @@ def run_study(
     say = bar.write if progress else echo
     lock = threading.Lock()
 
+    began: dict[str, float] = {}
+
     def started(cell: Cell) -> None:
         with lock:
+            began[cell.id] = time.time()
             running.append(cell.id)
             bar.set_postfix_str(", ".join(running), refresh=True)
 
@@ -410,7 +413,11 @@ def run_study(
             running.remove(cell.id)
             bar.set_postfix_str(", ".join(running), refresh=False)
             bar.update(1)
-            say(f"[{done[0]}/{len(todo)}] {cell.id}: {status} ({time.time() - start:.0f} s)")
+            now = time.time()
+            say(
+                f"[{done[0]}/{len(todo)}] {cell.id}: {status} in {now - began[cell.id]:.0f} s "
+                f"(study {now - start:.0f} s)"
+            )
 
     def work(cell: Cell) -> None:
         started(cell)

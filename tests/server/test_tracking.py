@@ -89,3 +89,64 @@ def test_a_missing_tracker_package_is_a_one_line_error(tmp_path, monkeypatch, ca
 def test_csv_cannot_be_turned_off():
     with pytest.raises(ConfigError, match="must include csv"):
         small_config("logging.loggers=[mlflow]")
+
+
+def test_a_run_from_a_scratch_folder_leaves_nothing_in_it_and_keeps_chatter_off_the_console(
+    tmp_path, monkeypatch, capfd
+):
+    scratch, store = tmp_path / "scratch", tmp_path / "store"
+    scratch.mkdir(), store.mkdir()
+    monkeypatch.chdir(scratch)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    cfg = small_config(
+        "federation.rounds=1",
+        "logging.loggers=[csv, mlflow, tensorboard]",
+        f"logging.mlflow_uri={uri}",
+        "logging.experiment=scratch-test",
+    )
+    out = tmp_path / "run"
+    summary = run_federation(InProcessGrid(client_app, 4), cfg, out)
+    assert list(scratch.iterdir()) == []  # no ./mlruns, no lightning_logs
+    assert list((store / "mlartifacts").rglob("summary.json"))  # beside the database
+    console = capfd.readouterr()
+    chatter = ("Creating initial MLflow database tables", "not found. Creating it")
+    assert not any(c in console.out + console.err for c in chatter)
+    log = (out / "run.log").read_text()
+    assert "Creating initial MLflow database tables" in log  # kept, in the run's log
+    assert log.count("seed: 0") == 0 and "'fedws-config': <config.yaml>" in log
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    hp = acc.Scalars("hp_metric")  # the final test accuracy replaces the -1 placeholder
+    assert hp[-1].value == pytest.approx(summary["final"]["test_accuracy"]) and hp[-1].step > 0
+
+
+def test_metrics_csv_has_the_documented_columns_in_order_at_float32_precision(tmp_path):
+    import csv
+
+    from app import rundir
+
+    run_federation(InProcessGrid(client_app, 4), small_config("federation.rounds=1"), tmp_path)
+    with open(tmp_path / "metrics.csv") as f:
+        header, *rows = list(csv.reader(f))
+    assert tuple(header) == rundir.METRIC_COLUMNS  # no step column, not alphabetical
+    test_acc = [r[header.index("test_accuracy")] for r in rows]
+    assert all(len(v) <= 10 for v in test_acc)  # 0.145, not 0.14499999582767487
+    assert [r[0] for r in rows] == ["0", "1"]
+    with open(tmp_path / "clients.csv") as f:
+        clients = list(csv.DictReader(f))
+    assert all(len(r["val_accuracy"]) <= 10 for r in clients)
+
+
+def test_csv_values_are_float32_short_and_lossless():
+    import numpy as np
+
+    from app.rundir import csv_value
+
+    single = float(np.float32(0.118))
+    assert csv_value(single) == "0.118" and float(np.float32(csv_value(single))) == single
+    assert csv_value(0.1) == 0.1  # a float64 that no float32 holds: written as Python does
+    assert csv_value(3) == 3 and csv_value(float("nan")) != csv_value(float("nan"))

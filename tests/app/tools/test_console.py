@@ -12,6 +12,7 @@ from app.tools import console
 from app.tools.console import _Tee
 
 WORKER = "\x1b[36m(ClientAppActor pid=1234)\x1b[0m Fatal Python error: Aborted"
+LOGGED = "(ClientAppActor pid=1234) Fatal Python error: Aborted"  # in the file: no colour codes
 
 
 @pytest.mark.parametrize("workers", [False, True])
@@ -25,7 +26,7 @@ def test_worker_lines_go_to_the_log_and_only_there_unless_asked(workers):
     tee.write("\n")
     assert log.getvalue().splitlines() == [
         "fedws run: something",
-        WORKER,
+        LOGGED,
         "(not a worker) parentheses in fedws's own text",
         "rounds: 100%",  # a progress bar's last state
     ]
@@ -41,7 +42,7 @@ def test_teed_writes_the_file_and_restores_the_streams(tmp_path, capsys):
         print("hello")
         print(WORKER)
     print("after")
-    assert path.read_text().splitlines() == ["hello", WORKER]
+    assert path.read_text().splitlines() == ["hello", LOGGED]
     out = capsys.readouterr().out
     assert "hello" in out and "after" in out and "Fatal" not in out
     assert not isinstance(sys.stdout, _Tee)
@@ -57,7 +58,7 @@ def test_a_worker_line_after_a_progress_bar_redraw_stays_off_the_console(tmp_pat
         print(WORKER, file=sys.stderr)
     err = capsys.readouterr().err
     assert "rounds:  50%" in err and "Fatal Python error" not in err
-    assert path.read_text().splitlines() == [WORKER]
+    assert path.read_text().splitlines() == [LOGGED]
 
 
 def test_an_exception_leaves_its_traceback_in_the_log(tmp_path):
@@ -87,3 +88,11 @@ def test_another_writer_of_the_log_is_never_overwritten(tmp_path, append):
     lines = path.read_text().splitlines()
     earlier = ["an earlier run"] if append else []
     assert lines == [*earlier, "first", "flwr: Starting FedAvg strategy", "last"]
+
+
+def test_the_log_file_gets_no_terminal_colour_codes():
+    screen, log = io.StringIO(), io.StringIO()
+    tee = _Tee(screen, log, workers=False)
+    tee.write("\x1b[92mINFO \x1b[0m:      Starting\n")
+    assert log.getvalue() == "INFO :      Starting\n"
+    assert "\x1b[92m" in screen.getvalue()  # the console keeps its colours

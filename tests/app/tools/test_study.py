@@ -419,3 +419,52 @@ def test_a_labelled_extra_entry_names_its_row(tmp_path):
     assert [c.row for c in cells] == ["bn", "ws_gn", "fedwon"]
     with pytest.raises(ConfigError, match=r"extra\.label"):
         load_study(write_study(tmp_path, {"extra": [{"label": ""}]}))
+
+
+def test_the_progress_line_gives_each_cells_own_time(tmp_path):
+    import time as clock
+
+    from app import rundir
+    from app.rundir import RunDir
+
+    study = load_study(write_study(tmp_path, {"grid": {"model.norm": ["bn", "ws_gn"]}}))
+    naps = {"norm-bn": 0.6, "norm-ws_gn": 0.05}
+
+    def launch(config: Path, out: Path, ray_cpus):
+        clock.sleep(naps[out.name])
+        out.joinpath("config.yaml").write_text(config.read_text())
+        rundir.write_summary(RunDir(out), {"status": "completed"})
+
+    said: list[str] = []
+    run_study(study, tmp_path / "out", launch=launch, echo=said.append)
+    lines = {line.split("]")[1].split(":")[0].strip(): line for line in said[1:]}
+    own = {cid: float(line.split(" in ")[1].split(" s")[0]) for cid, line in lines.items()}
+    assert own["norm-ws_gn"] < 0.5 <= own["norm-bn"]  # not the time since the study began
+    assert all("(study " in line for line in lines.values())
+
+
+def test_a_study_with_nothing_to_run_starts_no_runtime(tmp_path, monkeypatch):
+    from app.tools import study as study_module
+
+    study = load_study(write_study(tmp_path, {"grid": {"model.norm": ["bn"]}}))
+    out = tmp_path / "out"
+    run_study(study, out, launch=in_process(), echo=lambda m: None)
+
+    def no_runtime(*args, **kwargs):
+        raise AssertionError("a runtime was started with nothing to run")
+
+    monkeypatch.setattr(study_module, "run_simulation", no_runtime)
+    said: list[str] = []
+    run_study(study, out, echo=said.append)  # the default: the shared runtime, if any cell ran
+    assert "1 already finished, 0 to run" in said[0]
+    assert write_report(out).is_file()
+
+
+def test_the_simulation_says_what_it_starts():
+    from app.tools.simulation import starting_line
+
+    line = starting_line(10, 1.0, 0.0, ray_num_cpus=2)
+    assert line.startswith("starting Flower simulation: 10 clients on 2 client processes")
+    assert "on 1 client process (2 CPU each)" in starting_line(10, 2.0, 0.0, ray_num_cpus=2)
+    assert "on 3 client processes" in starting_line(3, 1.0, 0.0, ray_num_cpus=8)
+    assert "Ray cluster at auto" in starting_line(10, 1.0, 0.25, ray_address="auto")
