@@ -43,6 +43,7 @@ LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # Lightning's loggers fedws
 # image styles of multi-domain clients (``app.data.domains`` keys its registry by these)
 DOMAIN_STYLES = ("identity", "invert", "noise", "blur", "contrast", "grayscale", "hue")
 DEFAULT_ALPHA = 0.5  # Dirichlet concentration when dirichlet/quantity leave alpha null
+DEFAULT_CLIENTS = 10  # data.partition.num_clients when null (but for kind natural)
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedbn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # the server optimizers' settings each strategy uses (any other set is refused, never ignored)
@@ -95,7 +96,10 @@ class FeatureSkewConfig:
 @dataclass(frozen=True)
 class PartitionConfig:
     kind: str = "iid"
-    num_clients: int = 10
+    # null: 10; with kind natural, one client per value of the ``by`` column, counted from the
+    # dataset when a run's config is resolved (``app.data.datasets.resolve_clients``: the
+    # commands and ``flwr run .`` resolve it before anything runs, and config.yaml records it)
+    num_clients: int | None = None
     # Dirichlet concentration: label skew (dirichlet; domains: inside each domain, only when
     # given) or client sizes (quantity); null: 0.5 for dirichlet and quantity
     alpha: float | None = None
@@ -154,12 +158,19 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         _one_of(self.kind, PARTITIONS, "kind")
         _check(self.seed is None or self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        for name in ("balanced", "min_partition_size"):
+            _check(
+                self.kind != "domains" or self.alpha is not None or getattr(self, name) is None,
+                name,
+                "with kind domains only when alpha is given (label skew inside each domain)",
+            )
+        if self.num_clients is None and self.kind != "natural":
+            object.__setattr__(self, "num_clients", DEFAULT_CLIENTS)
         _check(
-            self.kind != "domains" or self.alpha is not None or self.balanced is None,
-            "balanced",
-            "with kind domains only when alpha is given (label skew inside each domain)",
+            self.num_clients is None or self.num_clients >= 1,
+            "num_clients",
+            f"must be >= 1, got {self.num_clients}",
         )
-        _check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
         _check(
             self.alpha is None or self.alpha > 0, "alpha", f"must be > 0 or null, got {self.alpha}"
         )
@@ -285,7 +296,8 @@ class ModelConfig:
     gn_groups: int = 8  # GroupNorm uses the largest group count <= this dividing the channels
     # norm fixbn (Zhong et al. 2023, arXiv 2303.06530): the last round whose local fits update
     # the BN running statistics; every later round normalizes with the global statistics,
-    # frozen (scale, shift and the other weights keep training). null: half of the rounds
+    # frozen (scale, shift and the other weights keep training); >= 1. null: half of the rounds
+    # (at least 1)
     fixbn_round: int | None = None
 
     def __post_init__(self) -> None:
@@ -304,9 +316,10 @@ class ModelConfig:
             f"only for norm: fixbn, got norm {self.norm!r}: remove it",
         )
         _check(
-            self.fixbn_round is None or self.fixbn_round >= 0,
+            self.fixbn_round is None or self.fixbn_round >= 1,
             "fixbn_round",
-            f"must be >= 0 or null, got {self.fixbn_round}",
+            "must be >= 1 (round 0 has no statistics to freeze but the initial ones) or null, "
+            f"got {self.fixbn_round}",
         )
 
     def options(self) -> dict[str, Any]:
@@ -451,7 +464,6 @@ class FederationConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     eval_every: int = 1  # evaluate the global model on the test split every N rounds (and last)
-    tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
     diagnostics: bool = True  # drift, update agreement, BN statistics -> OUT/diagnostics.csv
     gap_samples: int = 2048  # test samples whose BN-layer statistics the gap is measured on
     bn_recalibration: bool = False  # re-estimate BN statistics on server data before testing
@@ -511,8 +523,9 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
-class FaultConfig:
-    """Injected faults, to test fedws's own robustness (off by default): in the listed rounds
+class FaultInjection:
+    """Fault injection, for tests of fedws's own robustness only (off by default; no run that
+    reports a result sets it): in the listed rounds
     (every round when ``rounds`` is empty) a client in ``fail_clients`` raises during training
     and a client in ``nan_clients`` replies with NaN weights."""
 
@@ -545,7 +558,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    faults: FaultConfig = field(default_factory=FaultConfig)
+    fault_injection: FaultInjection = field(default_factory=FaultInjection)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -559,9 +572,9 @@ class Config:
             "model.fixbn_round",
             f"must be <= federation.rounds ({self.federation.rounds}), got {fixbn}",
         )
-        n = self.data.partition.num_clients
+        n = self.data.partition.num_clients  # None: a natural partition's, not yet counted
         _check(
-            self.federation.min_clients <= n,
+            n is None or self.federation.min_clients <= n,
             "federation.min_clients",
             f"must be <= data.partition.num_clients ({n}), got {self.federation.min_clients}",
         )
@@ -573,13 +586,13 @@ class Config:
         if self.model.norm != "fixbn":
             return None
         fixbn = self.model.fixbn_round
-        return self.federation.rounds // 2 if fixbn is None else fixbn
+        return max(1, self.federation.rounds // 2) if fixbn is None else fixbn
 
     @property
     def server_model_untrained(self) -> bool:
         """FedBN on a model with BatchNorm: the server's BN layers never train, so its own test
         accuracy measures the shared layers only, not the method."""
-        return self.federation.strategy == "fedbn" and self.model.norm in ("bn", "ws_bn")
+        return self.federation.strategy == "fedbn" and self.model.norm in ("bn", "fixbn", "ws_bn")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe data (tuples become lists)."""
@@ -619,40 +632,48 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
+    """``value`` (from YAML) as the schema's type ``tp``, or a ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as err:
-                if err.field != path:  # an error inside a nested value: report it
-                    raise
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return _convert_union(value, tp, path)
     if origin is tuple:  # tuple[X, ...] from a YAML list
         (item, _) = typing.get_args(tp)
         if isinstance(value, list):
             return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
         raise ConfigError(path, f"expected a list of {_type_name(item)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return _build(tp, value, path)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a schema bug, not a user error
+    elif tp not in _SCALARS:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported config type {tp!r} at {path}")
+    elif _SCALARS[tp](value):
+        return float(value) if tp is float else value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# each scalar type of the schema: which YAML values it accepts (an int is a float, a bool not)
+_SCALARS = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: _is_number,
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _convert_union(value: Any, tp: Any, path: str) -> Any:
+    """The first member of ``X | Y`` that accepts ``value``; an error inside a nested value
+    (a mapping that is the right type but holds a bad key) is reported as it is."""
+    for arg in typing.get_args(tp):
+        try:
+            return _convert(value, arg, path)
+        except ConfigError as err:
+            if err.field != path:
+                raise
     raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
 
 
@@ -679,6 +700,14 @@ def without_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:
     """A copy of a raw config without the settings its strategy or partition kind does not use
     (fedws before 0.2 wrote them all, with their defaults, into every ``config.yaml``)."""
     raw = copy.deepcopy(raw)
+    if "faults" in raw:  # its name before 0.2
+        raw["fault_injection"] = raw.pop("faults")
+    server = raw.get("server")
+    # server.tensorboard: true before 0.2; logging.loggers took it over
+    if isinstance(server, dict) and server.pop("tensorboard", False):
+        logging = raw.setdefault("logging", {})
+        loggers = list(logging.get("loggers") or ["csv"])
+        logging["loggers"] = loggers + ["tensorboard"] * ("tensorboard" not in loggers)
     fed = raw.get("federation")
     if isinstance(fed, dict):
         used = SERVER_OPTIMIZER_SETTINGS.get(fed.get("strategy", "fedavg"), ())
@@ -711,11 +740,19 @@ class _SafeLoader12(yaml.SafeLoader):
     are floats (YAML 1.1, PyYAML's rule, reads a float without a dot as text)."""
 
 
-_SafeLoader12.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _SafeDumper12(yaml.SafeDumper):
+    """``yaml.SafeDumper`` quoting every string the loader above would read as a number (a run
+    name ``1e5`` stays a string across a save and a reload)."""
+
+
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_SafeLoader12, _SafeDumper12):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
+
+
+def yaml_dump(data: Any, **kwargs: Any) -> str:
+    """Safe YAML that ``yaml_load`` reads back as it was written."""
+    return yaml.dump(data, Dumper=_SafeDumper12, **kwargs)
 
 
 def yaml_load(text: str) -> Any:
@@ -780,4 +817,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as YAML; a data seed that followed the run's seed is written as null, so a
+    rerun of the file with another ``seed`` draws its own data, as the original would have."""
+    raw = config.to_dict()
+    partition = raw["data"]["partition"]
+    if partition["seed"] == config.seed:
+        partition["seed"] = None
+    return yaml_dump(raw, sort_keys=False)

@@ -27,18 +27,20 @@ in one class the same way): a file name spelled in one place cannot disagree wit
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
+import secrets
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-import yaml
-
-from app.config import Config, build, without_unused_settings, yaml_load
-from app.errors import ConfigError
+from app.config import Config, build, without_unused_settings, yaml_dump, yaml_load
+from app.errors import ConfigError, FedwsError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
@@ -227,6 +229,60 @@ class StudyDir:
         return RunDir(self.path / RUNS / cell)
 
 
+# --- writers ----------------------------------------------------------------------------------
+
+
+class WriteError(FedwsError):
+    """A run or study folder could not be written (a full disk, no permission, a path through
+    a file): one line naming the file and the system's reason instead of a traceback. Exit
+    code 2: the output folder (or the disk) has to change."""
+
+    exit_code = 2
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        if err.filename is not None:  # the file the system call was about
+            super().__init__(f"cannot write {err.filename}: {err.strerror or err}")
+        else:  # e.g. a write() on a full disk names no file
+            super().__init__(f"writing {path} failed: {err.strerror or err}")
+        self.path = Path(path if err.filename is None else err.filename)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Inside, an ``OSError`` becomes a ``WriteError`` naming the file it names, else ``path``."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteError(path, err) from None
+
+
+@contextlib.contextmanager
+def replacing(path: Path, mode: str = "w", **open_args: Any) -> Iterator[IO]:
+    """A file object whose content replaces ``path`` whole or not at all: it is written under
+    a temporary name in the same folder, flushed to the disk, then renamed over ``path``
+    (``os.replace`` is atomic on one file system). On any error the temporary file is removed
+    and ``path`` keeps its old content (or stays absent): a full disk or a killed process never
+    leaves a 0-byte or half-written file for a reader to trust."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask
+    try:
+        with open(fd, mode, **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_whole(path: Path, data: str | bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through ``replacing``: the old file or the new one, whole."""
+    with replacing(path, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 
@@ -292,8 +348,10 @@ def run_status(run: RunDir) -> str:
 
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
-    """``summary.json``; a non-finite number (a diverged run's loss) is written as null."""
-    run.summary.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+    """``summary.json``, whole or not at all (``write_whole``): a study takes a run whose
+    summary says completed as done, so a half-written one must never exist. A non-finite
+    number (a diverged run's loss) is written as null."""
+    write_whole(run.summary, json.dumps(_json_safe(summary), indent=2, allow_nan=False))
 
 
 def _json_safe(value: Any) -> Any:
@@ -312,19 +370,28 @@ def read_config(path: Path) -> Config:
     return build(without_unused_settings(yaml_load(path.read_text()) or {}))
 
 
-# written by a run and read by others, but no number of the run depends on them
-NUMBER_NEUTRAL = ("logging", "simulation", "server.tensorboard")
+# written by a run and read by others, but no number of the run depends on them (of the
+# simulation's resources only the device does: result_settings keeps it)
+NUMBER_NEUTRAL = ("logging", "simulation")
+# The version of what produces a run's numbers: the data draws and the algorithms. Bump it when
+# a change makes the same config give other numbers; a study reruns a finished cell whose
+# summary.json names another version (or none: written before versions were recorded).
+# 2: partitions drawn as NIID-Bench draws them, the run's seed drawing the data, FedAdam as
+# Reddi et al.'s Algorithm 2.
+RESULTS_VERSION = 2
 
 
 def result_settings(cfg: Config) -> dict[str, Any]:
-    """``cfg``'s settings that can change a number of the run (``NUMBER_NEUTRAL`` left out):
-    two runs with equal ones compute the same results."""
-    flat = cfg.flat()
-    return {
+    """``cfg``'s settings that can change a number of the run (``NUMBER_NEUTRAL`` left out,
+    but the device the clients train on): two runs with equal ones compute the same results
+    with the same ``RESULTS_VERSION``."""
+    kept = {
         k: v
-        for k, v in flat.items()
+        for k, v in cfg.flat().items()
         if not any(k == n or k.startswith(f"{n}.") for n in NUMBER_NEUTRAL)
     }
+    kept["device"] = "gpu" if cfg.simulation.num_gpus > 0 else "cpu"
+    return kept
 
 
 def holds_run(run: RunDir) -> bool:
@@ -337,7 +404,10 @@ RUN_FOLDERS = (CHECKPOINTS, TENSORBOARD, FIGURES)
 
 
 def clear_run(run: RunDir) -> None:
-    """Remove a run's files and folders (and nothing else) so a new run starts clean."""
+    """Remove a run's files and folders (and nothing else) so a new run starts clean; a
+    folder that holds no run (a study's, a mistaken -o) is left alone."""
+    if not holds_run(run):
+        return
     import shutil
 
     for name in RUN_FILES:
@@ -355,8 +425,9 @@ def run_config(run: RunDir) -> Config | None:
 
 
 def write_study(study: StudyDir, meta: dict[str, Any]) -> None:
-    """``study.yaml``: the study's source file, axes, target accuracy and cells."""
-    study.study.write_text(yaml.safe_dump(meta, sort_keys=False))
+    """``study.yaml``: the study's source file, axes, target accuracy and cells (whole or not
+    at all: ``write_whole``)."""
+    write_whole(study.study, yaml_dump(meta, sort_keys=False))
 
 
 def read_study(study: StudyDir) -> dict[str, Any]:

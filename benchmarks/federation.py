@@ -56,6 +56,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from measure import summary as spread
+from measure import write_json
 
 from app import rundir
 from app.config import Config, build, dump_config
@@ -585,8 +586,7 @@ def main() -> None:
         "cpus": cpus,
         "repeats": args.repeats,
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import yaml
+from measure import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -391,8 +392,7 @@ def main() -> None:
     reason = no_gpu_reason()
     if reason is not None:
         print(f"{reason}; nothing measured (this benchmark needs a CUDA GPU)")
-        if args.json:
-            args.json.write_text(json.dumps({"gpu": None, "reason": reason}, indent=2))
+        write_json(args.json, {"gpu": None, "reason": reason})
         return
     import torch
 
@@ -429,8 +429,7 @@ def main() -> None:
     if args.check_deterministic:
         result["determinism"] = check_deterministic(runs[0].config)
         print(f"determinism on the GPU: {result['determinism']}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

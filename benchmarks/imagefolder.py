@@ -14,7 +14,6 @@ All timed in this one process, side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from measure import write_json
 
 from app.data.augment import CROP_PADDING, random_crop_flip
 from app.data.imagefolder import decode_all, load_imagefolder, open_source
@@ -104,8 +104,7 @@ def main() -> None:
     }
     for key, value in figures.items():
         print(f"{key:>32}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""What the benchmarks share: robust summaries of repeated timings, and the memory of a
-process tree (a run's driver, Ray's processes, its client actors)."""
+"""What the benchmarks share: robust summaries of repeated timings, the processes running
+(the one walk of /proc, which the tests use too), the memory of a process tree (a run's driver,
+Ray's processes, its client actors), and writing the results as JSON."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -41,8 +45,17 @@ def memory_mb(pid: int | str) -> tuple[float, float]:
     return rss, pss
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    ppid: int  # its parent
+    pgid: int  # its process group
+    state: str  # R running, S sleeping, ..., Z a zombie (ended, its parent has not reaped it)
+
+
+def processes() -> list[Process]:
+    """The processes of this machine now, from /proc (one that ends meanwhile is left out)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -50,8 +63,31 @@ def _children() -> dict[int, list[int]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
+        # after the command name in parentheses (which may hold spaces): state, ppid, pgid
+        state, ppid, pgid = stat.rsplit(")", 1)[1].split()[:3]
+        found.append(Process(int(entry.name), int(ppid), int(pgid), state))
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    """The command line of ``pid``, its arguments NUL-separated; empty for a zombie or a
+    process that has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def pids_with(*markers: str) -> list[int]:
+    """PIDs of the processes whose command line contains every one of ``markers``."""
+    wanted = [m.encode() for m in markers]
+    return [p.pid for p in processes() if all(m in command_line(p.pid) for m in wanted)]
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for p in processes():
+        kids.setdefault(p.ppid, []).append(p.pid)
     return kids
 
 
@@ -90,3 +126,9 @@ def run_with_peak_memory(command: list[str], cwd: Path, log: Path, poll_s: float
         done.set()
         watcher.join()
     return code, wall, peak[0], peak[1]
+
+
+def write_json(path: Path | None, result: Any) -> None:
+    """Write a benchmark's ``result`` as indented JSON to ``path`` (its ``--json``), if given."""
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2))

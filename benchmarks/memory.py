@@ -14,30 +14,20 @@ JSON keys: ``server_rss_mb`` and ``clients_rss_mb`` ({round: MB}), ``server_grow
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from measure import memory_mb
+from measure import command_line, memory_mb, processes, write_json
 
 from app.config import build
 from app.learn.runtime import partitions
 
 
 def client_processes() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::ClientAppActor"):
-                pids.append(int(entry.name))
-    return pids
+    return [p.pid for p in processes() if command_line(p.pid).startswith(b"ray::ClientAppActor")]
 
 
 def main() -> None:
@@ -89,18 +79,13 @@ def main() -> None:
         f"growth from round 5 to round {args.rounds}: server {server_growth:+.1%}, "
         f"client processes {clients_growth:+.1%} (target: within 10%)"
     )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "server_rss_mb": {r: s["server"] for r, s in samples.items()},
-                    "clients_rss_mb": {r: s["clients"] for r, s in samples.items()},
-                    "server_growth": server_growth,
-                    "clients_growth": clients_growth,
-                },
-                indent=2,
-            )
-        )
+    result = {
+        "server_rss_mb": {r: s["server"] for r, s in samples.items()},
+        "clients_rss_mb": {r: s["clients"] for r, s in samples.items()},
+        "server_growth": server_growth,
+        "clients_growth": clients_growth,
+    }
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ each client adds (PSS, from 10 to 1,000 clients). Target: both ratios <= 1.3.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from measure import run_with_peak_memory, summary
+from measure import run_with_peak_memory, summary, write_json
 
 from app import rundir
 
@@ -115,8 +114,7 @@ def main() -> None:
         f"{out['ratio_peak_rss']:.3f}, PSS {out['ratio_peak_pss']:.3f} (targets <= 1.3); "
         f"each client adds {1024 * out['pss_mb_per_client']:.0f} KB (PSS, 10 -> 1,000 clients)"
     )
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ wall <= 1.15 x its round sum on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 import yaml
-from measure import summary
+from measure import summary, write_json
 
 from app import rundir
 
@@ -120,8 +119,7 @@ def main() -> None:
         f"{out['ratio_runtime_start_as_startup']:.3f} with the runtime's start as start-up; "
         f"isolated: {iso['study_wall_s']['median'] / iso['cells_round_s_sum']['median']:.3f}"
     )
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ shape: medians of the times, the ratio's median, min and max). Targets on 2 CPU 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from measure import write_json
 from torch import nn
 
 from app.nn.layers import WSConv2d
@@ -127,8 +127,7 @@ def main() -> None:
         f"worst shape: train ratio {summary['train_ratio']:.3f} (target <= 1.10), "
         f"eval ratio {summary['eval_ratio']:.3f} (target <= 1.02)"
     )
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

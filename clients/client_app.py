@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from app.config import Config
 from app.data.partitions import ClientShard
+from app.errors import ConfigError
 from app.learn.classifier import FedwsClassifier
 from app.learn.runtime import (
     CONFIG_KEY,
@@ -64,17 +65,8 @@ def _prepare(msg: Message, context: Context, before_round: int) -> Local:
     for the next process (a resumed run, a restarted node)."""
     quiet_lightning()
     config = msg.content["config"]
-    cfg = config_from_text(str(config[CONFIG_KEY]))
-    if context.node_config.get("data-path"):  # a deployed node's own copy of the data
-        data = dataclasses.replace(cfg.data, root=str(context.node_config["data-path"]))
-        cfg = dataclasses.replace(cfg, data=data)
+    cfg = _node_config(config_from_text(str(config[CONFIG_KEY])), context)
     client = _partition(context)
-    num_partitions = int(context.node_config["num-partitions"])
-    if num_partitions != cfg.data.partition.num_clients:
-        raise ValueError(
-            f"this federation has {num_partitions} nodes but data.partition.num_clients is "
-            f"{cfg.data.partition.num_clients}: they must match"
-        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU Ray gave us
     local_shard = shard_on(cfg.data, client, device)
     module = new_module(cfg, dataset(cfg.data))
@@ -86,6 +78,22 @@ def _prepare(msg: Message, context: Context, before_round: int) -> Local:
         load_partial(module.model, local, policy.local)
     server_round = int(config["server-round"])
     return Local(cfg, local_shard, module, policy, store, server_round, state_round)
+
+
+def _node_config(cfg: Config, context: Context) -> Config:
+    """The run's config as this node sees it: its own copy of the data (``data-path``), and a
+    node count that must match the config's client count (a one-line ConfigError if not)."""
+    if context.node_config.get("data-path"):  # a deployed node's own copy of the data
+        data = dataclasses.replace(cfg.data, root=str(context.node_config["data-path"]))
+        cfg = dataclasses.replace(cfg, data=data)
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions != cfg.data.partition.num_clients:
+        raise ConfigError(
+            "data.partition.num_clients",
+            f"this federation has {num_partitions} nodes but the config says "
+            f"{cfg.data.partition.num_clients}: they must match",
+        )
+    return cfg
 
 
 def _partition(context: Context) -> int:
@@ -139,20 +147,41 @@ def partition(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One local fit: the global model (with this client's local state) on this node's shard,
+    then the arrays that travel and the fit's metrics back to the server."""
     server_round = int(msg.content["config"]["server-round"])
     local = _prepare(msg, context, before_round=server_round)
-    cfg, local_shard, module, policy = local.cfg, local.shard, local.module, local.policy
-    if cfg.faults.fails(local_shard.client, server_round):
-        raise RuntimeError(f"injected fault: client {local_shard.client}, round {server_round}")
+    _inject_failure(local.cfg, local.shard.client, server_round)
+    train_loss, fit_s = _fit(local)
+    val = _validate(local.cfg, local.module, local.shard)
+    state = {k: v.detach().cpu() for k, v in local.module.model.state_dict().items()}
+    _keep_local_state(context, local, state)
+    _inject_nan(local.cfg, local.shard.client, server_round, state, local.policy)
+    metrics = MetricRecord(
+        {
+            "num-examples": local.shard.num_train,
+            PARTITION_KEY: local.shard.client,
+            "train_loss": train_loss,
+            "fit_s": fit_s,
+            "local-state-round": local.state_round if local.policy.personal else -1,
+            **val,
+        }
+    )
+    arrays = ArrayRecord(select(state, local.policy.travel))
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _fit(local: Local) -> tuple[float, float]:
+    """The Lightning fit of this round (seeded by (seed, round, client)); (train loss, seconds).
+    FedProx's anchor and FixBN's freeze are set on the module first."""
+    cfg, module, shard = local.cfg, local.module, local.shard
     if module.hparams.proximal_mu > 0:
         module.set_global_weights()
     frozen_after = cfg.bn_statistics_frozen_after
-    module.bn_statistics_frozen = frozen_after is not None and server_round > frozen_after
-    seed = round_seed(cfg, server_round, local_shard.client)
+    module.bn_statistics_frozen = frozen_after is not None and local.server_round > frozen_after
+    seed = round_seed(cfg, local.server_round, shard.client)
     torch.manual_seed(seed)
-    loader = tensor_loader(
-        local_shard.x_train, local_shard.y_train, cfg.train.batch_size, shuffle=True, seed=seed
-    )
+    loader = tensor_loader(shard.x_train, shard.y_train, cfg.train.batch_size, True, seed)
     if cfg.train.local_steps is not None:
         trainer = make_trainer(cfg, max_steps=cfg.train.local_steps, max_epochs=-1)
     else:
@@ -160,28 +189,29 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     trainer.fit(module, loader)
     fit_s = time.perf_counter() - start
-    train_loss = float(trainer.callback_metrics["train_loss"])
-    val = _validate(cfg, module, local_shard)
+    return float(trainer.callback_metrics["train_loss"]), fit_s
 
-    state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    kept = select(state, policy.local)
+
+def _keep_local_state(context: Context, local: Local, state: dict[str, torch.Tensor]) -> None:
+    """What never leaves this node (FedBN's BN layers, BN counters): in memory and on disk."""
+    kept = select(state, local.policy.local)
     if kept:
-        _keep(context, local.store.run_key, server_round, kept)
-        local.store.save(server_round, kept)
-    if cfg.faults.poisons(local_shard.client, server_round):
+        _keep(context, local.store.run_key, local.server_round, kept)
+        local.store.save(local.server_round, kept)
+
+
+def _inject_failure(cfg: Config, client: int, server_round: int) -> None:
+    """Fault injection (``fault_injection``, robustness tests only): this client raises."""
+    if cfg.fault_injection.fails(client, server_round):
+        raise RuntimeError(f"injected fault: client {client}, round {server_round}")
+
+
+def _inject_nan(
+    cfg: Config, client: int, server_round: int, state: dict, policy: StatePolicy
+) -> None:
+    """Fault injection (robustness tests only): this client replies with NaN weights."""
+    if cfg.fault_injection.poisons(client, server_round):
         state[policy.travel[0]] = torch.full_like(state[policy.travel[0]], float("nan"))
-    metrics = MetricRecord(
-        {
-            "num-examples": local_shard.num_train,
-            PARTITION_KEY: local_shard.client,
-            "train_loss": train_loss,
-            "fit_s": fit_s,
-            "local-state-round": local.state_round if policy.personal else -1,
-            **val,
-        }
-    )
-    content = RecordDict({"arrays": ArrayRecord(select(state, policy.travel)), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

@@ -9,7 +9,7 @@ checkpoints keep the aggregated statistics.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import lightning
 import torch
 from flwr.app import ArrayRecord
 
+from app import rundir
 from app.config import Config
 from app.data.datasets import ImageDataset
 from app.data.domains import TRAIN, Domains
@@ -129,7 +130,8 @@ class GlobalEvaluator:
     def save_checkpoint(
         self, path: Path, server_round: int, resume: dict[str, Any] | None = None
     ) -> None:
-        """A Lightning checkpoint of the global model, written atomically (tmp file + rename);
+        """A Lightning checkpoint of the global model, written atomically (``rundir.write_whole``:
+        a tmp file, removed on failure, renamed over the old one; an ``OSError`` is one line);
         ``FedwsClassifier.load_from_checkpoint(path)`` opens it. ``resume`` holds what
         ``fedws run --resume`` needs besides the weights (tensors and plain data only)."""
         checkpoint = {
@@ -144,7 +146,10 @@ class GlobalEvaluator:
                 "resume": resume,
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        # serialized in memory first: torch.save into a file on a full disk raises a
+        # RuntimeError that has lost the OSError; written whole or not at all
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with rundir.writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rundir.write_whole(path, buffer.getbuffer())

@@ -2,7 +2,7 @@
 
 - ``config.yaml``: the resolved config;
 - ``metrics.csv``: a row per round (round 0 = the initial model), through Lightning's CSVLogger;
-  a TensorBoardLogger under ``tensorboard/`` as well when ``server.tensorboard`` is on;
+  a TensorBoardLogger under ``tensorboard/`` as well with ``tensorboard`` in ``logging.loggers``;
 - ``clients.csv``: a row per client per round;
 - ``diagnostics.csv``: a row per round, quantity and layer (``app.learn.diagnostics``; ``all``
   for the whole model or the mean over layers);
@@ -14,6 +14,7 @@ The checkpoints are the evaluator's (``server.evaluation``).
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import platform
 import time
@@ -45,10 +46,26 @@ def versions() -> dict[str, str]:
     }
 
 
+def _writes(method):
+    """``method`` writes the run directory: an ``OSError`` there (a full disk, a path through
+    a file) becomes one line naming the file (``rundir.WriteError``, exit code 2) instead of a
+    traceback from deep inside the run."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as err:
+            raise rundir.WriteError(self.run.path, err) from None
+
+    return wrapper
+
+
 class RunLog:
     """Writes the run directory. ``resume_round=k`` keeps the rows of rounds <= k of an
     interrupted run (and drops any later, half-written ones)."""
 
+    @_writes
     def __init__(
         self,
         cfg: Config,
@@ -81,18 +98,19 @@ class RunLog:
         if resume_round is None:
             for logger in self.trackers:
                 logger.log_hyperparams(flat_config(cfg))
-        self.run.config.write_text(dump_config(cfg))
-        with open(self.clients_path, "w", newline="") as f:
+        # whole or not at all: a resumed run rewrites the kept rows of the old files
+        rundir.write_whole(self.run.config, dump_config(cfg))
+        with rundir.replacing(self.clients_path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept_clients)
         self.kept_clients = kept_clients
-        with open(self.diagnostics_path, "w", newline="") as f:
+        with rundir.replacing(self.diagnostics_path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=DIAGNOSTIC_COLUMNS)
             writer.writeheader()
             writer.writerows(self.diagnostics)
         if domains:
-            with open(self.run.domains, "w", newline="") as f:
+            with rundir.replacing(self.run.domains, newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=DOMAIN_COLUMNS)
                 writer.writeheader()
                 writer.writerows(self.domain_rows)
@@ -111,6 +129,7 @@ class RunLog:
     def elapsed_s(self) -> float:
         return time.time() - self.start
 
+    @_writes
     def log_round(
         self,
         row: dict[str, float],
@@ -149,6 +168,7 @@ class RunLog:
         ]
         return max(candidates, key=lambda r: r[rundir.SELECTED_BY]) if candidates else None
 
+    @_writes
     def finish(
         self,
         status: str = rundir.COMPLETED,
@@ -190,6 +210,7 @@ class RunLog:
             "domains": _final_domains(self.domain_rows) if self.domains else None,
             "tracking": self.tracking_state() or None,
             "versions": versions(),
+            "results_version": rundir.RESULTS_VERSION,
         }
         rundir.write_summary(self.run, summary)
         log_artifact(self.loggers, self.run.summary)

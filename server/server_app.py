@@ -4,7 +4,8 @@ Two entry points share ``run_federation``:
 
 - ``app`` for ``flwr run .``: the run config (``[tool.flwr.app.config]`` in pyproject.toml,
   ``--run-config`` to override) names the YAML ``config``, optional ``set`` overrides
-  (``"k=v; k2=v2"``) and the output folder ``out``;
+  (``"k=v; k2=v2"``), the output folder ``out``, and ``resume`` / ``overwrite`` for an ``out``
+  that already holds a run (refused without one of them);
 - ``make_server_app(cfg, out)`` for ``fedws run``, which has already loaded the config.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 import time
 import uuid
@@ -28,9 +28,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from app import rundir
 from app.config import Config, dump_config, load_config
+from app.data.datasets import resolve_clients
 from app.data.domains import Domains
 from app.errors import ConfigError, FedwsError
-from app.learn import diagnostics
 from app.learn.runtime import CONFIG_KEY, RUN_KEY, dataset, new_module
 from app.learn.runtime import domains as runtime_domains
 from app.learn.state import select, state_policy
@@ -38,6 +38,7 @@ from app.learn.trainer import quiet_lightning
 from app.rundir import RunDir
 from server.evaluation import GlobalEvaluator
 from server.run_log import RunLog
+from server.sampling import AnsweringGrid
 from server.strategy import RoundReplies, build_strategy
 from server.tracking import chatter_to
 
@@ -120,17 +121,24 @@ def read_checkpoint(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(str(path), f"not a checkpoint fedws can load safely: {first}") from None
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # a damaged file fails in many ways (a truncated zip: OSError
+        # EINVAL; junk: KeyError; a pickle: UnpicklingError): each is one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        why = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        raise ConfigError(
+            str(path), f"not a checkpoint fedws can load safely (damaged?): {why}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(str(path), "not a checkpoint of fedws (no dict inside)")
+    return checkpoint
 
 
 def resume_point(cfg: Config, out: Path) -> dict[str, Any]:
     checkpoint = read_checkpoint(out)
     if checkpoint is None or not (checkpoint.get("fedws") or {}).get("resume"):
         raise ConfigError("--resume", f"{out} holds no checkpoint of a fedws run to resume")
-    saved = load_config(RunDir(out).config)
+    saved = rundir.read_config(RunDir(out).config)  # also one written by an earlier fedws
     if saved != cfg:
         raise ConfigError(
             "--resume", f"the config differs from the one of the run in {out}; resume with it"
@@ -154,8 +162,9 @@ def run_federation(
     """
     quiet_lightning()
     run = RunDir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    flower_log = logging.FileHandler(run.run_log)  # Flower's log of this run, at INFO
+    with rundir.writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        flower_log = logging.FileHandler(run.run_log)  # Flower's log of this run, at INFO
     flower_log.setLevel(logging.INFO)
     flower_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s flwr: %(message)s"))
     flwr_logger = logging.getLogger("flwr")
@@ -187,51 +196,116 @@ class ShortConfigRecords(logging.Filter):
 def _federate(
     grid: Grid, cfg: Config, out: Path, progress: ProgressFn | None, resume: bool
 ) -> dict[str, Any]:
-    ds = dataset(cfg.data)
-    module = new_module(cfg, ds)
-    policy = state_policy(module.model, cfg.federation.strategy)
-    strategy = build_strategy(cfg, module.model)
-    if cfg.server.diagnostics:
-        strategy.groups = diagnostics.layer_groups(module.model)
-        strategy.bn_layers = tuple(diagnostics.bn_layers(module.model))
-    done, elapsed, run_key, tracking = 0, 0.0, uuid.uuid4().hex, None
-    run = RunDir(out)
-    if resume:
-        checkpoint = resume_point(cfg, out)
-        done, point = checkpoint["fedws"]["round"], checkpoint["fedws"]["resume"]
-        module.load_state_dict(checkpoint["state_dict"])
-        strategy.restore(point["strategy"])
-        strategy.round_offset, elapsed = done, point["elapsed_s"]
-        run_key = point.get("run_key", run_key)
-        tracking = point.get("tracking")
-    doms = runtime_domains(cfg.data)
-    evaluator = GlobalEvaluator(cfg, ds, module, policy, doms)
-    run_log = RunLog(
-        cfg,
-        out,
-        ds.synthetic,
-        resume_round=done if resume else None,
-        elapsed_s=elapsed,
-        domains=doms is not None,
-        tracking=tracking,
-    )
-    strategy.trained = run_log.trained_clients()
-    rounds, eval_every = cfg.federation.rounds, cfg.server.eval_every
-    clock = [time.perf_counter()]
+    return Federation(cfg, out, progress, resume).run(grid)
 
-    def evaluate_fn(step: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if resume and step == 0:  # round `done` was evaluated before the interruption
+
+class Federation:
+    """One run of ``cfg`` into ``out``: the global model, the strategy, the server-side
+    evaluation and the run log, built once; ``run`` drives Flower's strategy, and each round's
+    server step is ``evaluate`` (Flower's ``evaluate_fn``), one method per job: test the
+    global model, make the round's metrics row, log it, stop a diverged run, checkpoint,
+    report progress."""
+
+    def __init__(
+        self, cfg: Config, out: Path, progress: ProgressFn | None = None, resume: bool = False
+    ) -> None:
+        self.cfg, self.out, self.progress, self.resume = cfg, out, progress, resume
+        self.run_dir = RunDir(out)
+        ds = dataset(cfg.data)
+        self.module = new_module(cfg, ds)
+        self.policy = state_policy(self.module.model, cfg.federation.strategy)
+        self.strategy = build_strategy(cfg, self.module.model)
+        self.done, elapsed, self.run_key, tracking = 0, 0.0, uuid.uuid4().hex, None
+        point: dict[str, Any] = {}
+        if resume:
+            checkpoint = resume_point(cfg, out)
+            self.done, point = checkpoint["fedws"]["round"], checkpoint["fedws"]["resume"]
+            self.module.load_state_dict(checkpoint["state_dict"])
+            self.strategy.restore(point["strategy"])  # before the run's files are touched
+            elapsed, tracking = point["elapsed_s"], point.get("tracking")
+            self.run_key = point.get("run_key", self.run_key)
+        self.domains = runtime_domains(cfg.data)
+        self.evaluator = GlobalEvaluator(cfg, ds, self.module, self.policy, self.domains)
+        self.run_log = RunLog(
+            cfg,
+            out,
+            ds.synthetic,
+            resume_round=self.done if resume else None,
+            elapsed_s=elapsed,
+            domains=self.domains is not None,
+            tracking=tracking,
+        )
+        if resume:
+            self.strategy.resume(self.done, self.run_log.trained_clients())
+        self.clock = time.perf_counter()
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Every round left; the summary. A diverged run is a result; any other end closes the
+        trackers' runs as failed and goes on up."""
+        cfg, run_log = self.cfg, self.run_log
+        if self.done >= cfg.federation.rounds:
+            return run_log.finish()
+        state = {k: v.detach().cpu() for k, v in self.module.model.state_dict().items()}
+        config = ConfigRecord({CONFIG_KEY: dump_config(cfg), RUN_KEY: self.run_key})
+        try:
+            self.strategy.start(
+                grid=AnsweringGrid(grid, self.strategy.clients.map),  # a lost node's: failed
+                initial_arrays=ArrayRecord(select(state, self.policy.travel)),
+                num_rounds=cfg.federation.rounds - self.done,
+                train_config=config,
+                evaluate_config=ConfigRecord(dict(config)),
+                evaluate_fn=self.evaluate,
+            )
+        except RunDiverged as err:
+            log(WARNING, "fedws: %s", err)
+            return run_log.finish(rundir.DIVERGED, str(err), diverged_round=err.server_round)
+        except FedwsError as err:
+            run_log.finish(rundir.FAILED, str(err))
+            raise
+        except BaseException as err:  # any other end: the trackers' runs closed as failed too
+            run_log.finish(rundir.FAILED, f"{type(err).__name__}: {err}")
+            raise
+        return run_log.finish()
+
+    def evaluate(self, step: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: after round ``step`` of this process (0: the start)."""
+        if self.resume and step == 0:  # round `done` was evaluated before the interruption
             return None
-        server_round = step + done
+        server_round = step + self.done
         finite = _finite(arrays)
-        evaluator.load(arrays)
-        due = server_round % eval_every == 0 or server_round in (0, rounds)
+        due = self._due(server_round)
+        test, evaluation_rows, domain_rows = self._test(arrays, due and finite)
+        replies = self.strategy.rounds.get(server_round, RoundReplies())
+        row = self._row(server_round, test, replies)
+        self._log(server_round, row, replies, evaluation_rows, domain_rows)
+        if not finite or (due and not math.isfinite(row["test_loss"])):
+            what = "non-finite global weights" if not finite else "non-finite test loss"
+            raise RunDiverged(server_round, what)
+        self._checkpoint(server_round, row)
+        if self.progress is not None:
+            self.progress(row)
+        return MetricRecord(test) if due else None
+
+    def _due(self, server_round: int) -> bool:
+        """Whether the global model is tested after this round (every ``eval_every``, and the
+        first and last)."""
+        rounds, every = self.cfg.federation.rounds, self.cfg.server.eval_every
+        return server_round % every == 0 or server_round in (0, rounds)
+
+    def _test(self, arrays: ArrayRecord, due: bool) -> tuple[dict[str, float], list, list]:
+        """The global model on the test split (and diagnostics, domains) when ``due``; a
+        non-finite loss is not a score: NaN, the round is where the run diverged."""
         untested = {"test_accuracy": math.nan, "test_loss": math.nan}
-        tested = evaluator.evaluate() if due and finite else (untested, [], [])
-        test, evaluation_rows, domain_rows = tested
-        if due and not math.isfinite(test["test_loss"]):
-            test = untested  # not a score: the round is recorded as where the run diverged
-        replies = strategy.rounds.get(server_round, RoundReplies())
+        self.evaluator.load(arrays)
+        if not due:
+            return untested, [], []
+        test, evaluation_rows, domain_rows = self.evaluator.evaluate()
+        if not math.isfinite(test["test_loss"]):
+            test = untested
+        return test, evaluation_rows, domain_rows
+
+    def _row(self, server_round: int, test: dict[str, float], replies: RoundReplies) -> dict:
+        """The round's ``metrics.csv`` row."""
         now = time.perf_counter()
         row = {
             "round": server_round,
@@ -246,53 +320,38 @@ def _federate(
             "eval_ok": len(replies.evaluate),
             "eval_failed": replies.eval_failed,
             # seconds since the previous row; round 0: the initial model's evaluation
-            "round_s": round(now - clock[0], 4),
+            "round_s": round(now - self.clock, 4),
         }
-        clock[0] = now
-        diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
-        if doms is not None and policy.personal:  # FedBN: each domain as its clients see it
-            domain_rows = _domains_by_clients(doms, replies) if server_round else []
-        domain_rows = [{"round": server_round, **r} for r in domain_rows]
-        run_log.log_round(row, _client_rows(server_round, replies), diagnosed, domain_rows)
-        if not finite or (due and test is untested):
-            what = "non-finite global weights" if not finite else "non-finite test loss"
-            raise RunDiverged(server_round, what)
-        point = {
-            "strategy": strategy.state(),
-            "elapsed_s": run_log.elapsed_s,
-            "run_key": run_key,
-            "tracking": run_log.tracking_state(),
-        }
-        evaluator.save_checkpoint(run.last_checkpoint, server_round, resume=point)
-        if run_log.best() is row:
-            evaluator.save_checkpoint(run.best_checkpoint, server_round)
-        if progress is not None:
-            progress(row)
-        return MetricRecord(test) if due else None
+        self.clock = now
+        return row
 
-    if done >= rounds:
-        return run_log.finish()
-    state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    config = ConfigRecord({CONFIG_KEY: dump_config(cfg), RUN_KEY: run_key})
-    try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(select(state, policy.travel)),
-            num_rounds=rounds - done,
-            train_config=config,
-            evaluate_config=ConfigRecord(dict(config)),
-            evaluate_fn=evaluate_fn,
-        )
-    except RunDiverged as err:
-        log(WARNING, "fedws: %s", err)
-        return run_log.finish(rundir.DIVERGED, str(err), diverged_round=err.server_round)
-    except FedwsError as err:
-        run_log.finish(rundir.FAILED, str(err))
-        raise
-    except BaseException as err:  # any other end: the trackers' runs are closed as failed too
-        run_log.finish(rundir.FAILED, f"{type(err).__name__}: {err}")
-        raise
-    return run_log.finish()
+    def _log(
+        self,
+        server_round: int,
+        row: dict,
+        replies: RoundReplies,
+        evaluation_rows: list,
+        domain_rows: list,
+    ) -> None:
+        """The round into the run directory and the trackers."""
+        diagnosed = [{"round": server_round, **r} for r in replies.diagnostics + evaluation_rows]
+        if self.domains is not None and self.policy.personal:  # FedBN: as its clients see it
+            domain_rows = _domains_by_clients(self.domains, replies) if server_round else []
+        domain_rows = [{"round": server_round, **r} for r in domain_rows]
+        clients = _client_rows(server_round, replies)
+        self.run_log.log_round(row, clients, diagnosed, domain_rows)
+
+    def _checkpoint(self, server_round: int, row: dict) -> None:
+        """``last.ckpt`` with what a resume needs; ``best.ckpt`` when this round is the best."""
+        point = {
+            "strategy": self.strategy.state(),
+            "elapsed_s": self.run_log.elapsed_s,
+            "run_key": self.run_key,
+            "tracking": self.run_log.tracking_state(),
+        }
+        self.evaluator.save_checkpoint(self.run_dir.last_checkpoint, server_round, resume=point)
+        if self.run_log.best() is row:
+            self.evaluator.save_checkpoint(self.run_dir.best_checkpoint, server_round)
 
 
 def make_server_app(
@@ -318,8 +377,40 @@ def main(grid: Grid, context: Context) -> None:
     config = Path(str(run_config["config"])).expanduser()
     config = config if config.is_absolute() else APP_ROOT / config
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    cfg = load_config(config, overrides)
+    cfg = resolve_clients(load_config(config, overrides))  # a natural partition's count
     out = Path(str(run_config.get("out") or f"runs/flwr-{config.stem}")).expanduser()
     out = out if out.is_absolute() else Path.cwd() / out
+    resume, overwrite = _switch(run_config, "resume"), _switch(run_config, "overwrite")
+    claim_run_dir(out, resume, overwrite)
     log(INFO, "fedws: config %s, run directory %s", config, out)
-    run_federation(grid, cfg, out)
+    run_federation(grid, cfg, out, resume=resume)
+
+
+def _switch(run_config, key: str) -> bool:
+    """A true/false run-config key (TOML gives a bool; a quoted "true" is accepted too)."""
+    value = run_config.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "false"):
+        return str(value).strip().lower() == "true"
+    raise ConfigError(key, f"run-config key must be true or false, got {value!r}")
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """What ``fedws run``'s preflight does for ``-o OUT``, for ``flwr run``'s ``out``: a folder
+    that holds a run is refused, before a file of it is touched (a new run would otherwise
+    truncate its metrics.csv and clients.csv and overwrite its checkpoints), unless ``resume``
+    (continue it) or ``overwrite`` (remove its files, then start anew)."""
+    if resume and overwrite:
+        raise ConfigError("overwrite", "starts out anew; resume continues it: choose one")
+    run = RunDir(out)
+    if resume or not rundir.holds_run(run):
+        return
+    if not overwrite:
+        raise ConfigError(
+            str(out),
+            f"holds a run ({rundir.run_status(run)}): run-config resume=true continues it, "
+            "overwrite=true replaces it, or give another out",
+        )
+    with rundir.writing(out):
+        rundir.clear_run(run)

@@ -115,16 +115,35 @@ class RecordingMixin:
     BN-statistics diagnostics of ``app.learn.diagnostics``.
     """
 
-    min_replies: int = 1
-    round_offset: int = 0
-    trained: set[int]  # clients that trained in an earlier round (their state is on their node)
-    rounds: dict[int, RoundReplies]
-    clients: ClientSampler
-    server_optimizer: ServerOptimizer | None = None
-    groups: dict[str, str] | None = None  # trainable parameter key -> layer group
-    bn_layers: tuple[str, ...] = ()
     _sent: ArrayRecord  # the arrays sent this round
     _dtypes: dict[str, str]  # ... and their dtypes
+
+    def __init__(
+        self,
+        *,
+        clients: ClientSampler,
+        min_replies: int = 1,
+        server_optimizer: ServerOptimizer | None = None,
+        groups: dict[str, str] | None = None,
+        bn_layers: tuple[str, ...] = (),
+        **flower: Any,
+    ) -> None:
+        """``clients`` chooses each round's clients; ``min_replies`` usable replies a round
+        needs; ``server_optimizer`` steps the mean (FedAvgM, FedAdam, ...); ``groups`` (a
+        trainable parameter key -> layer group map) and ``bn_layers`` turn the diagnostics on;
+        ``flower``: the Flower strategy's own arguments."""
+        super().__init__(**flower)
+        self.clients, self.min_replies = clients, min_replies
+        self.server_optimizer, self.groups, self.bn_layers = server_optimizer, groups, bn_layers
+        self.rounds: dict[int, RoundReplies] = {}
+        self.round_offset = 0
+        self.trained: set[int] = set()  # clients that trained before (their state: their node)
+
+    def resume(self, done: int, trained: set[int]) -> None:
+        """Continue an interrupted run after round ``done`` (``restore`` brings the server
+        optimizer's state back): rounds count on from there; ``trained``: the clients that
+        trained in the rounds kept (their state is on their nodes)."""
+        self.round_offset, self.trained = done, set(trained)
 
     def _messages(self, phase: int, server_round: int, arrays, config, grid) -> list[Message]:
         server_round += self.round_offset
@@ -254,7 +273,18 @@ def build_strategy(cfg: Config, model: torch.nn.Module | None = None) -> fl.FedA
     cls = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
     n = cfg.data.partition.num_clients
     evaluate_fraction = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
-    strategy = cls(
+    server_optimizer = None
+    if fed.strategy in SERVER_OPTIMIZERS:
+        if model is None:
+            raise ValueError(f"{fed.strategy} needs the global model for its server optimizer")
+        server_optimizer = ServerOptimizer(model, fed)
+    diagnosed = cfg.server.diagnostics and model is not None
+    return cls(
+        clients=ClientSampler(cfg, evaluate_fraction),
+        min_replies=fed.min_clients,
+        server_optimizer=server_optimizer,
+        groups=diagnostics.layer_groups(model) if diagnosed else None,
+        bn_layers=tuple(diagnostics.bn_layers(model)) if diagnosed else (),
         fraction_train=fed.fraction_train,
         fraction_evaluate=evaluate_fraction,
         min_train_nodes=min(fed.min_clients, n),
@@ -264,15 +294,6 @@ def build_strategy(cfg: Config, model: torch.nn.Module | None = None) -> fl.FedA
         evaluate_metrics_aggr_fn=aggregate_client_metrics,
         **fed.strategy_options(),
     )
-    strategy.min_replies = fed.min_clients
-    strategy.rounds = {}
-    strategy.trained = set()
-    strategy.clients = ClientSampler(cfg, evaluate_fraction)
-    if fed.strategy in SERVER_OPTIMIZERS:
-        if model is None:
-            raise ValueError(f"{fed.strategy} needs the global model for its server optimizer")
-        strategy.server_optimizer = ServerOptimizer(model, fed)
-    return strategy
 
 
 class ClientSampler:
@@ -283,7 +304,8 @@ class ClientSampler:
         self.seed, self.num_clients = cfg.seed, n
         self.fraction = {TRAIN: fed.fraction_train, EVALUATE: evaluate_fraction}
         self.at_least = {TRAIN: min(fed.min_clients, n), EVALUATE: 1}
-        self.map = PartitionMap(n)
+        # a round waits for (then goes on without) lost nodes while min_clients of them are there
+        self.map = PartitionMap(n, min_nodes=min(fed.min_clients, n))
 
     def partitions(self, server_round: int, phase: int) -> list[int]:
         return sample_partitions(

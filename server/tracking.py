@@ -2,7 +2,7 @@
 
 - ``csv`` (always): ``metrics.csv`` of the run directory, the file every fedws reader uses;
 - ``tensorboard``: ``OUT/tensorboard/``, the same scalars as the trackers below and the config as
-  hparams (``server.tensorboard: true`` turns it on too);
+  hparams;
 - ``mlflow``: an MLflow tracking store (``logging.mlflow_uri``; default the SQLite database
   ``mlflow.db`` beside the run directory, which works offline), one MLflow run per fedws run in
   the experiment ``logging.experiment`` (default ``fedws``; a study: its name) with the
@@ -44,10 +44,7 @@ PACKAGE = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 def tracker_names(cfg: Config) -> list[str]:
     """The loggers asked for, ``csv`` first."""
-    names = list(cfg.logging.loggers)
-    if cfg.server.tensorboard and "tensorboard" not in names:
-        names.append("tensorboard")
-    return names
+    return list(cfg.logging.loggers)
 
 
 def check_installed(cfg: Config) -> None:

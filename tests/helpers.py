@@ -1,5 +1,5 @@
 """Test helpers: small synthetic configs, an in-process Grid, and process clean-up for the
-tests that start real Flower processes."""
+tests that start real Flower processes (through benchmarks/measure.py's walk of /proc)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from app.config import Config, apply_overrides, build
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO / "benchmarks"))  # measure.py: the walk of /proc, one copy for both
+
+from measure import pids_with as pids_with  # noqa: E402 (re-exported for the tests)
+from measure import processes  # noqa: E402
+
 FEDWS = [sys.executable, "-m", "app.tools.cli"]  # the fedws command of this environment
 
 SMALL = {
@@ -31,6 +38,33 @@ SMALL = {
 def small_config(*overrides: str) -> Config:
     """The SMALL synthetic config with ``a.b=c`` overrides applied."""
     return build(apply_overrides(SMALL, list(overrides)))
+
+
+TINY = {  # the tests that start Flower processes: two nodes, little data, a narrow CNN
+    "data": {
+        "dataset": "synthetic",
+        "synthetic": {"train_size": 400, "test_size": 100, "image_size": 16},
+        "partition": {"kind": "iid", "num_clients": 2},
+    },
+    "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
+}
+
+
+def tiny_config_file(path: Path, *overrides: str) -> Path:
+    """The TINY config with ``a.b=c`` overrides applied, written to ``path`` as YAML."""
+    path.write_text(yaml.safe_dump(apply_overrides(TINY, list(overrides))))
+    return path
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the one TensorBoard event file in ``folder``, read back with
+    TensorBoard's own reader: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = folder.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 class InProcessGrid:
@@ -106,34 +140,9 @@ def bare_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def pids_with(*markers: str) -> list[int]:
-    """PIDs of the processes whose command line contains every one of ``markers``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if all(m.encode() in cmdline for m in markers):
-            pids.append(int(entry.name))
-    return pids
-
-
 def _group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, _ppid, group = stat.rsplit(")", 1)[1].split()[:3]
-        if int(group) == pgid and state != "Z":
-            return True
-    return False
+    return any(p.pgid == pgid and p.state != "Z" for p in processes())
 
 
 def stop_process_group(pgid: int, grace_s: float = 15) -> None:

@@ -3,8 +3,10 @@ nvidia-smi parsing and its fit-only federation (run on the CPU here), the federa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,37 @@ from app.learn.runtime import dataset, new_module, round_seed, shard  # noqa: E4
 from app.learn.trainer import make_trainer, tensor_loader  # noqa: E402
 
 
-
 def test_summary_is_median_and_spread():
     s = measure.summary([3.0, 1.0, 2.0, 10.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
     assert measure.spread_pct([9.0, 10.0, 11.0]) == pytest.approx(20.0)
+
+
+def test_the_process_walk_finds_a_child_by_command_line_parent_and_group():
+    marker = f"fedws-walk-{time.monotonic_ns()}"  # in the child's command line only
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", marker], start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not measure.pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert measure.pids_with(marker, "time.sleep") == [child.pid]
+        assert measure.pids_with(marker, "not in it") == []
+        (me,) = [p for p in measure.processes() if p.pid == child.pid]
+        assert (me.ppid, me.pgid) == (os.getpid(), child.pid) and me.state != "Z"
+        assert measure.command_line(child.pid).split(b"\0")[-2] == marker.encode()
+        assert measure.tree_memory_mb(os.getpid())[0] > measure.memory_mb(os.getpid())[0]
+    finally:
+        child.kill()
+        child.wait()
+    assert measure.pids_with(marker) == [] and measure.command_line(child.pid) == b""
+
+
+def test_results_go_to_json_only_when_asked(tmp_path):
+    measure.write_json(None, {"a": 1})  # no --json: nothing written, no error
+    measure.write_json(tmp_path / "r.json", {"a": 1, "b": [0.5]})
+    assert (tmp_path / "r.json").read_text() == '{\n  "a": 1,\n  "b": [\n    0.5\n  ]\n}'
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,8 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import FEDWS, REPO, bare_env, free_port, pids_with, stop_process_group
+from helpers import (
+    FEDWS,
+    REPO,
+    bare_env,
+    free_port,
+    pids_with,
+    stop_process_group,
+    tiny_config_file,
+)
 
 from app.tools.cli import main
 
@@ -44,20 +52,9 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
         f'[superlink]\ndefault = "fedws-test"\n\n[superlink.fedws-test]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
     )
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "dataset": "synthetic",
-                    "synthetic": {"train_size": 400, "test_size": 100, "image_size": 16},
-                    "partition": {"kind": "iid", "num_clients": 2},
-                },
-                # FedBN: the clients keep BN layers, which must live on the nodes
-                "model": {"arch": "cnn", "norm": "bn", "width": 8},
-                "federation": {"rounds": 2, "strategy": "fedbn"},
-            }
-        )
+    # FedBN: the clients keep BN layers, which must live on the nodes
+    config = tiny_config_file(
+        tmp_path / "tiny.yaml", "model.norm=bn", "federation={rounds: 2, strategy: fedbn}"
     )
     # no Flower on PATH: `fedws deploy` must start Flower (and what Flower starts by name,
     # flower-superexec) from its own environment, as for a user who never activated the venv
@@ -203,3 +200,150 @@ def test_sigterm_stops_fedws_deploy_and_its_flower_process_promptly(tmp_path):
     assert code == 143
     assert stopped_s < 5, f"took {stopped_s:.1f} s"
     assert not pids_with("flower-superlink", str(port))
+
+
+def _flwr_home(tmp_path: Path, certs: Path, port: int) -> Path:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedws-test"\n\n[superlink.fedws-test]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+    )
+    return home
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def test_registered_nodes_survive_a_superlink_crash(tmp_path):
+    """The SuperLink keeps its state in certs/superlink.db by default: after a kill -9 and a
+    restart on the same database, the registered node (still running, never re-registered)
+    is back online under its node id, where an in-memory SuperLink would answer it with 401."""
+    certs = tmp_path / "certs"
+    assert main(["deploy", "certs", str(certs), "--nodes", "1"]) == 0
+    port = free_port()
+    env = bare_env(FLWR_HOME=str(_flwr_home(tmp_path, certs, port)))
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        with (tmp_path / f"{name}.log").open("a") as log:
+            proc = subprocess.Popen(
+                [*FEDWS, "deploy", *args],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(proc)
+        return proc
+
+    def online() -> list[str]:
+        listing = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if listing.returncode != 0:
+            return []
+        nodes = json.loads(listing.stdout).get("nodes", [])
+        return [str(n["node-id"]) for n in nodes if n.get("status") == "online"]
+
+    link = ["superlink", "--certs", str(certs), "--port", str(port)]
+    try:
+        start("link", *link)
+        wait_for_port(port)
+        db = certs / "superlink.db"
+        assert db.is_file() and db.stat().st_mode & 0o777 == 0o600
+        register = [str(BIN / "flwr"), "supernode", "register", str(certs / "supernode-0.pub")]
+        reg = subprocess.run(register, env=env, capture_output=True, text=True, timeout=60)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        node = start(
+            "node",
+            "supernodes",
+            "--certs",
+            str(certs),
+            "--count",
+            "1",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--base-port",
+            str(free_port()),
+            "--state-dir",
+            str(tmp_path / "state"),
+        )
+        _wait_for(lambda: online(), 60, "the node never came online")
+        (before,) = online()
+
+        (superlink,) = pids_with("flower-superlink", str(port))
+        os.kill(superlink, signal.SIGKILL)  # a crash: nothing is saved on the way out
+        assert procs[0].wait(timeout=30) != 0
+        start("link", *link)
+        wait_for_port(port)
+        _wait_for(lambda: online() == [before], 90, "the node did not come back online")
+        assert node.poll() is None  # it kept running and reconnected by itself
+        assert "Connection successful" in (tmp_path / "node.log").read_text()
+    finally:
+        for proc in procs:
+            stop_process_group(proc.pid)
+            proc.wait(timeout=20)
+    assert pids_with(str(tmp_path)) == []
+
+
+def test_a_node_without_tls_against_a_tls_superlink_is_told_why_it_cannot_connect(tmp_path):
+    certs = tmp_path / "certs"
+    assert main(["deploy", "certs", str(certs), "--nodes", "1"]) == 0
+    port = free_port()
+    env = bare_env(FLWR_HOME=str(tmp_path / "flwr-home"))
+    procs: list[subprocess.Popen] = []
+    logs = {name: tmp_path / f"{name}.log" for name in ("link", "node")}
+    try:
+        for name, args in (
+            ("link", ["superlink", "--certs", str(certs), "--port", str(port)]),
+            (
+                "node",
+                [
+                    "supernodes",
+                    "--insecure",  # the mistake: this SuperLink has TLS
+                    "--count",
+                    "1",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--base-port",
+                    str(free_port()),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                ],
+            ),
+        ):
+            with logs[name].open("w") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [*FEDWS, "deploy", *args],
+                        cwd=REPO,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            if name == "link":
+                wait_for_port(port)
+        _wait_for(lambda: "keeps failing to connect" in logs["node"].read_text(), 60, "no hint")
+        (hint,) = [line for line in logs["node"].read_text().splitlines() if "keeps fail" in line]
+        assert hint.startswith(f"fedws: SuperNode 0 keeps failing to connect to 127.0.0.1:{port}")
+        assert "It may require TLS" in hint and "--root-certificates <certs>/ca.crt" in hint
+        assert "Connection attempt failed" in logs["node"].read_text()  # Flower's lines relayed
+    finally:
+        for proc in procs:
+            stop_process_group(proc.pid)
+            proc.wait(timeout=20)
+    assert pids_with(str(tmp_path)) == []

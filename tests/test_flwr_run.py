@@ -11,8 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import FEDWS, REPO, bare_env, free_port, pids_with, stop_process_group
+from helpers import (
+    FEDWS,
+    REPO,
+    bare_env,
+    free_port,
+    pids_with,
+    stop_process_group,
+    tiny_config_file,
+)
 
 pytestmark = pytest.mark.slow  # starts Ray or Flower processes
 
@@ -23,20 +30,7 @@ def superlinks_of(flwr_home: Path) -> list[int]:
 
 
 def test_flwr_run_dot_runs_the_federation(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "dataset": "synthetic",
-                    "synthetic": {"train_size": 400, "test_size": 100, "image_size": 16},
-                    "partition": {"kind": "iid", "num_clients": 2},
-                },
-                "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
-                "federation": {"rounds": 1},
-            }
-        )
-    )
+    config = tiny_config_file(tmp_path / "tiny.yaml", "federation.rounds=1")
     out = tmp_path / "run"
     home = tmp_path / "flwr-home"
     # the README's lines: activate the venv (flwr starts flower-superlink by name from PATH),

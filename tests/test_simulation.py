@@ -4,7 +4,6 @@ Each run starts Ray (seconds), so this file holds the few Ray-backed runs of the
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 from helpers import FEDWS, REPO
 
+from app.rundir import read_csv
 from server.sampling import TRAIN, sample_partitions
 
 pytestmark = pytest.mark.slow  # starts Ray or Flower processes
@@ -61,11 +61,6 @@ def two_runs(tmp_path_factory):
     return tmp, procs
 
 
-def rows(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def test_simulation_writes_the_run_directory_and_learns(two_runs):
     tmp, procs = two_runs
     out = tmp / "a"
@@ -80,10 +75,10 @@ def test_simulation_writes_the_run_directory_and_learns(two_runs):
     assert "pid=" not in procs[0].stdout + procs[0].stderr
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
-    metrics = rows(out / "metrics.csv")
+    metrics = read_csv(out / "metrics.csv")
     assert [int(r["round"]) for r in metrics] == [0, 1, 2, 3]
     assert all(int(r["clients_ok"]) == 2 and int(r["clients_failed"]) == 0 for r in metrics[1:])
-    clients = rows(out / "clients.csv")
+    clients = read_csv(out / "clients.csv")
     # one node per partition: every client evaluated once a round, the drawn ones trained
     for rnd in (1, 2, 3):
         these = [r for r in clients if r["round"] == str(rnd)]
@@ -99,10 +94,11 @@ def test_simulation_writes_the_run_directory_and_learns(two_runs):
 
 def test_same_config_and_seed_give_identical_accuracy_columns(two_runs):
     tmp, _ = two_runs
-    a, b = rows(tmp / "a" / "metrics.csv"), rows(tmp / "b" / "metrics.csv")
+    a, b = read_csv(tmp / "a" / "metrics.csv"), read_csv(tmp / "b" / "metrics.csv")
+    assert a
     for key in ("test_accuracy", "test_loss", "train_loss", "val_accuracy"):
         assert [r[key] for r in a] == [r[key] for r in b], key
-    ca, cb = rows(tmp / "a" / "clients.csv"), rows(tmp / "b" / "clients.csv")
+    ca, cb = read_csv(tmp / "a" / "clients.csv"), read_csv(tmp / "b" / "clients.csv")
     trained = [[(r["round"], r["client"]) for r in c if r["num_examples"]] for c in (ca, cb)]
     assert trained[0] == trained[1] and len(trained[0]) == 3 * 2  # the same clients per round
     assert [r["val_accuracy"] for r in ca] == [r["val_accuracy"] for r in cb]

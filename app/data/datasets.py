@@ -25,8 +25,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from app.config import DataConfig, PartitionConfig, SyntheticConfig
-from app.data.hf import load_hf
+from app.config import Config, DataConfig, PartitionConfig, SyntheticConfig
+from app.data.hf import load_hf, natural_values
 from app.data.imagefolder import load_imagefolder
 from app.errors import DataError, DatasetNotFoundError
 
@@ -354,10 +354,36 @@ def dataset_key(data: DataConfig) -> DataConfig:
     drawn = data.dataset == "synthetic" or data.train_samples or data.test_samples
     seed = p.data_seed if drawn else 0  # the same images for every seed: loaded once
     if p.by is not None:
-        key = PartitionConfig(kind="natural", by=p.by, seed=seed, num_clients=p.num_clients)
+        key = PartitionConfig(kind="natural", by=p.by, seed=seed)  # any client count
     else:
         key = PartitionConfig(seed=seed)
     return dataclasses.replace(data, partition=key)
+
+
+def natural_clients(data: DataConfig) -> tuple[str, ...]:
+    """The values of a natural partition's column, in client order (client k holds the k-th),
+    read from the dataset's training split without decoding its images."""
+    by = data.partition.by
+    if data.dataset != "hf":
+        raise DataError(
+            f"data.partition: kind natural splits by a column ({by!r}) of the dataset: use "
+            "data.dataset: hf with a dataset that has it"
+        )
+    return natural_values(data.hf, by)
+
+
+def resolve_clients(cfg: Config) -> Config:
+    """``cfg`` with a natural partition's ``num_clients`` counted when the config left it out:
+    one client per distinct value of its ``by`` column. Every command that turns a YAML file
+    into a run (``fedws run``, ``partitions``, a study's cells, ``flwr run .``) calls it before
+    anything runs, so the simulated nodes, the strategy, the clients and ``config.yaml`` see one
+    number; a config that gives ``num_clients`` is returned as it is."""
+    p = cfg.data.partition
+    if p.num_clients is not None:
+        return cfg
+    count = len(natural_clients(cfg.data))
+    data = dataclasses.replace(cfg.data, partition=dataclasses.replace(p, num_clients=count))
+    return dataclasses.replace(cfg, data=data)
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:

@@ -11,25 +11,42 @@ flwr-datasets does, then held as uint8 image tensors like every other fedws data
 
 The image column holds images (decoded by the ``Image`` feature, or arrays); the label column
 integers (a ``ClassLabel`` gives the class names). With ``data.partition.kind: natural`` the
-column ``data.partition.by`` (a writer, a speaker) is kept: each of its values is one client.
+column ``data.partition.by`` (a writer, a speaker) is kept: each of its values is one client,
+and ``natural_values`` reads that column alone (no image decoded) to count them.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from app.config import DataConfig
+from app.config import DataConfig, HfConfig
 from app.errors import DataError, DatasetNotFoundError
 
 
-def _open(path: str):
+def _what_to_save(hf: HfConfig) -> str:
+    """What a local copy must hold, in the config's split names."""
+    return (
+        f"a DatasetDict with splits {hf.train_split!r} and {hf.test_split!r} (data.hf."
+        f"train_split, data.hf.test_split): DatasetDict({{{hf.train_split!r}: train, "
+        f"{hf.test_split!r}: test}}).save_to_disk(FOLDER)"
+    )
+
+
+def _open(hf: HfConfig):
     import datasets
 
+    path = hf.path
     local = Path(path).expanduser()
+    if (local / "state.json").is_file() and (local / "dataset_info.json").is_file():
+        raise DataError(
+            f"data.hf.path {path!r} holds one Dataset saved with save_to_disk, not its splits: "
+            f"save {_what_to_save(hf)} and point data.hf.path at FOLDER"
+        )
     try:
         if local.is_dir() and (local / "dataset_dict.json").is_file():
             return datasets.load_from_disk(str(local))
@@ -41,8 +58,8 @@ def _open(path: str):
     except ConnectionError as err:
         raise DatasetNotFoundError(
             f"data.hf.path {path!r} is not a local folder and the Hugging Face Hub cannot be "
-            f"reached ({err}): copy the dataset to disk (DatasetDict.save_to_disk, or its "
-            "parquet files) and point data.hf.path at it"
+            f"reached ({err}): where it can be reached, save {_what_to_save(hf)} (or copy its "
+            "parquet files to FOLDER) and point data.hf.path at FOLDER"
         ) from None
     except ValueError as err:  # e.g. a folder with no data file the library knows
         raise DataError(f"data.hf.path {path!r}: {err}") from None
@@ -84,11 +101,9 @@ def _images(column, name: str, image_size: int | None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-def load_hf(data: DataConfig) -> dict:
-    """The ``ImageDataset`` fields of ``data.hf``: both splits, the class names, the natural
-    partition column when asked for, and where it came from."""
-    hf = data.hf
-    dd = _open(hf.path)
+def _splits(hf: HfConfig) -> dict:
+    """The train and test splits of ``hf``, each checked for the image and label columns."""
+    dd = _open(hf)
     splits = {}
     for role, split in (("train", hf.train_split), ("test", hf.test_split)):
         if split not in dd:
@@ -103,6 +118,32 @@ def load_hf(data: DataConfig) -> dict:
                     f"{', '.join(ds.column_names)}"
                 )
         splits[role] = ds
+    return splits
+
+
+def _natural_column(train, by: str) -> list[str]:
+    """The training split's column ``by`` as text (the natural partition's ids)."""
+    if by not in train.column_names:
+        raise DataError(
+            f"data.partition.by: the training split has no column {by!r}; its columns: "
+            f"{', '.join(train.column_names)}"
+        )
+    return [str(v) for v in train[by]]
+
+
+@functools.lru_cache(maxsize=8)
+def natural_values(hf: HfConfig, by: str) -> tuple[str, ...]:
+    """The distinct values of the training split's column ``by``, sorted as text: client k of
+    a natural partition holds the k-th (flwr-datasets' NaturalIdPartitioner numbers them so).
+    Reads that column alone, no image."""
+    return tuple(sorted(set(_natural_column(_splits(hf)["train"], by))))
+
+
+def load_hf(data: DataConfig) -> dict:
+    """The ``ImageDataset`` fields of ``data.hf``: both splits, the class names, the natural
+    partition column when asked for, and where it came from."""
+    hf = data.hf
+    splits = _splits(hf)
     feature = splits["train"].features[hf.label_column]
     names = getattr(feature, "names", None)
     labels = {r: np.asarray(splits[r][hf.label_column]) for r in splits}
@@ -135,10 +176,5 @@ def load_hf(data: DataConfig) -> dict:
     }
     by = data.partition.by
     if by is not None:
-        if by not in splits["train"].column_names:
-            raise DataError(
-                f"data.partition.by: the training split has no column {by!r}; its columns: "
-                f"{', '.join(splits['train'].column_names)}"
-            )
-        fields["natural_ids"] = np.asarray([str(v) for v in splits["train"][by]])
+        fields["natural_ids"] = np.asarray(_natural_column(splits["train"], by))
     return fields

@@ -117,13 +117,15 @@ def _domain_partition(labels: np.ndarray, p: PartitionConfig, domains: Domains |
     if domains is None:
         raise DataError("data.partition: kind domains needs the run's domains")
 
-    def split(sub_labels: np.ndarray, clients: int) -> list[np.ndarray]:
+    def split(sub_labels: np.ndarray, clients: int, domain: int | None) -> list[np.ndarray]:
         if p.alpha is None:
-            return split_iid(sub_labels, clients)
-        sub = dataclasses.replace(p, kind="dirichlet", num_clients=clients, domains=())
+            return split_iid(sub_labels, clients, domain)
+        sub = dataclasses.replace(
+            p, kind="dirichlet", num_clients=clients, domains=(), seed=_seed_of(domain)
+        )
         return partition_indices(sub_labels, sub)
 
-    def split_iid(sub_labels: np.ndarray, pools: int) -> list[np.ndarray]:
+    def split_iid(sub_labels: np.ndarray, pools: int, domain: int | None) -> list[np.ndarray]:
         sub = dataclasses.replace(
             p,
             kind="iid",
@@ -132,29 +134,38 @@ def _domain_partition(labels: np.ndarray, p: PartitionConfig, domains: Domains |
             balanced=None,
             min_partition_size=None,
             domains=(),
+            seed=_seed_of(domain),
         )
         return partition_indices(sub_labels, sub)
+
+    def _seed_of(domain: int | None) -> int:
+        """Each domain's split draws from a seed of its own (derived from the data seed), so
+        the domains' label skews are independent draws."""
+        if domain is None:
+            return p.data_seed
+        return int(np.random.SeedSequence([p.data_seed, domain]).generate_state(1)[0] % 2**31)
 
     of_train = domains.of_train
     if of_train is None:
         if p.alpha is None:  # IID labels: one IID split, each client's share in its style
-            return split(labels, p.num_clients)
+            return split(labels, p.num_clients, None)
         # label skew *inside* each domain: an IID pool of images per domain first
         of_train = np.empty(len(labels), dtype=np.int64)
-        for d, pool in enumerate(split_iid(labels, domains.count)):
+        for d, pool in enumerate(split_iid(labels, domains.count, None)):
             of_train[pool] = d
     parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * p.num_clients
     for d in range(domains.count):
         clients = [i for i in range(p.num_clients) if domains.of_client(i) == d]
         mine = np.flatnonzero(of_train == d)
-        for client, idx in zip(clients, split(labels[mine], len(clients)), strict=True):
+        for client, idx in zip(clients, split(labels[mine], len(clients), d), strict=True):
             parts[client] = np.sort(mine[idx])
     return parts
 
 
 def _natural_partition(p: PartitionConfig, natural_ids: np.ndarray | None) -> list[np.ndarray]:
     """One client per distinct value of the ``by`` column (flwr-datasets'
-    NaturalIdPartitioner: client k holds the k-th value in sorted order)."""
+    NaturalIdPartitioner: client k holds the k-th value in sorted order); a given
+    ``num_clients`` must be their number, a null one is (``datasets.resolve_clients``)."""
     import datasets
     from flwr_datasets.partitioner import NaturalIdPartitioner
 
@@ -164,10 +175,10 @@ def _natural_partition(p: PartitionConfig, natural_ids: np.ndarray | None) -> li
             "data.dataset: hf with a dataset that has it"
         )
     distinct = len(set(natural_ids.tolist()))
-    if distinct != p.num_clients:
+    if p.num_clients is not None and distinct != p.num_clients:
         raise DataError(
             f"data.partition.num_clients: the column {p.by!r} has {distinct} distinct values, "
-            f"one client each: set num_clients: {distinct}"
+            f"one client each: set num_clients: {distinct}, or leave it out to have it counted"
         )
     table = datasets.Dataset.from_dict({"idx": np.arange(len(natural_ids)), "id": natural_ids})
     part = NaturalIdPartitioner(partition_by="id")

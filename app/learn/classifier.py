@@ -3,7 +3,8 @@
 Lightning's ``backbone_image_classifier`` habits: typed ``__init__``, ``save_hyperparameters``,
 the optimizer built from ``self.hparams``, torchmetrics objects as attributes logged as objects.
 The model is built from (arch, norm, ...) inside ``__init__``, so a checkpoint reloads with
-``FedwsClassifier.load_from_checkpoint(path)``.
+``FedwsClassifier.load_from_checkpoint(path)``; the hyper-parameters also keep what a prediction
+needs besides the weights (class names, input size, the input normalization: ``prepare``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class FedwsClassifier(L.LightningModule):
     arXiv 1812.06127) once ``set_global_weights`` has given it the round's global weights.
     ``augment`` crops and flips each training batch (``app.data.augment``), never an evaluation
     one. ``agc_clip`` turns on adaptive gradient clipping (``app.learn.agc``).
+
+    ``class_names``, ``input_size`` ([height, width]), ``input_mean`` and ``input_std`` (the
+    training split's channel statistics; None: inputs were not standardized) are metadata for
+    using a checkpoint on its own: nothing in training reads them.
     """
 
     def __init__(
@@ -48,6 +53,10 @@ class FedwsClassifier(L.LightningModule):
         augment: bool = False,
         crop_padding: str = "zeros",
         image_size: int | None = None,
+        class_names: list[str] | None = None,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
+        input_size: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -62,8 +71,15 @@ class FedwsClassifier(L.LightningModule):
 
     @classmethod
     def from_config(
-        cls, cfg: Config, in_channels: int, num_classes: int, image_size: int | None = None
+        cls,
+        cfg: Config,
+        in_channels: int,
+        num_classes: int,
+        image_size: int | None = None,
+        **inputs: Any,
     ) -> FedwsClassifier:
+        """The module ``cfg`` describes; ``inputs``: the metadata of its data (``class_names``,
+        ``input_mean``, ``input_std``, ``input_size``; ``app.learn.runtime.new_module``)."""
         mu = cfg.federation.mu if cfg.federation.strategy == "fedprox" else 0.0
         return cls(
             arch=cfg.model.arch,
@@ -82,7 +98,20 @@ class FedwsClassifier(L.LightningModule):
             augment=cfg.data.augmented,
             crop_padding=cfg.data.crop_padding,
             image_size=image_size,
+            **inputs,
         )
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) as the inputs the model was trained on: [0, 1] values,
+        standardized by the stored channel mean and std when the run standardized its inputs
+        (the same float32 operations as ``ImageDataset.normalize``)."""
+        x = images.float() / 255.0
+        mean, std = self.hparams.get("input_mean"), self.hparams.get("input_std")
+        if mean is None or std is None:
+            return x
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)
+        std_t = torch.tensor(std, dtype=torch.float32, device=x.device)
+        return (x - mean_t[:, None, None]) / std_t[:, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,12 +130,27 @@ def _moved(local: ClientShard, device: str) -> ClientShard:
 
 
 def new_module(cfg: Config, ds: ImageDataset) -> FedwsClassifier:
-    """A freshly initialised model; the same weights in every process (seeded by ``seed``)."""
+    """A freshly initialised model; the same weights in every process (seeded by ``seed``).
+    Its hyper-parameters carry ``input_metadata(ds)``, so a checkpoint predicts on its own."""
+    inputs = input_metadata(ds)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return FedwsClassifier.from_config(
-            cfg, ds.in_channels, ds.num_classes, image_size=int(ds.x_train.shape[-1])
+            cfg, ds.in_channels, ds.num_classes, image_size=int(ds.x_train.shape[-1]), **inputs
         )
+
+
+def input_metadata(ds: ImageDataset) -> dict[str, Any]:
+    """What a prediction needs besides the weights: the class names, the image size and the
+    input normalization (``input_mean``/``input_std``: None when inputs are not standardized).
+    Metadata only: neither the weights nor training depend on it."""
+    mean, std = ds.channel_stats() if ds.standardize else (None, None)
+    return {
+        "class_names": list(ds.classes),
+        "input_mean": None if mean is None else mean.tolist(),
+        "input_std": None if std is None else std.tolist(),
+        "input_size": [int(ds.x_train.shape[-2]), int(ds.x_train.shape[-1])],
+    }
 
 
 def round_seed(cfg: Config, server_round: int, client: int) -> int:

@@ -34,8 +34,11 @@ import torch
 from torch import nn
 
 from app.config import FederationConfig
+from app.errors import FedwsError
 
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# what a saved optimizer state records about the update rule that made it
+ALGORITHM_KEY, ALGORITHM = "fedws_algorithm", "reddi-2021-algorithm-2"
 # Flower 1.42's defaults for each strategy's hyper-parameters
 DEFAULTS: dict[str, dict[str, float]] = {
     "fedadam": {"eta": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
@@ -150,8 +153,19 @@ class ServerOptimizer:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """A copy (torch's holds the live moment tensors, which the next step changes)."""
-        return copy.deepcopy(self.optimizer.state_dict())
+        """A copy (torch's holds the live moment tensors, which the next step changes), named
+        with the update rule that made it (``ALGORITHM``)."""
+        return {**copy.deepcopy(self.optimizer.state_dict()), ALGORITHM_KEY: ALGORITHM}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state; FedAdam's from before ``ALGORITHM`` (fedws 0.1 stepped
+        with torch's bias-corrected Adam) is refused: its moments mean something else."""
+        state = dict(state)
+        made_by = state.pop(ALGORITHM_KEY, None)
+        if isinstance(self.optimizer, FedAdam) and made_by != ALGORITHM:
+            raise FedwsError(
+                "this checkpoint's FedAdam state comes from an earlier fedws (torch's "
+                "bias-corrected Adam), not Reddi et al.'s Algorithm 2: resuming would mix the "
+                "two; start the run again without --resume"
+            )
         self.optimizer.load_state_dict(state)

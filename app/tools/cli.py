@@ -89,12 +89,20 @@ def _print_dry_run(cfg: Config, out: Path) -> None:
     _print_partitions(cfg)
 
 
+def _run_config(args: argparse.Namespace) -> Config:
+    """``args.config`` with its overrides, validated, a natural partition's client count
+    counted from the data when the config leaves it out."""
+    from app.data.datasets import resolve_clients
+
+    return resolve_clients(load_config(args.config, args.overrides))
+
+
 def cmd_partitions(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _run_config(args)
     out = Path(args.out) if args.out else DEFAULT_OUT / f"partitions-{Path(args.config).stem}"
     view = _print_partitions(cfg)
-    table, png = view.write(out)
-    print(f"wrote {table} and {png}")
+    *files, png = view.write(out)
+    print(f"wrote {', '.join(map(str, files))} and {png}")
     return 0
 
 
@@ -126,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from app.tools.console import teed
     from app.tools.run import describe, preflight, run, summary_text
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _run_config(args)
     out = Path(args.out) if args.out else DEFAULT_OUT / Path(args.config).stem
     level = args.log_level or ("info" if args.verbose else "warning")
     if args.resume and args.overwrite:
@@ -206,7 +214,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise ConfigError(
             str(run), "not a run directory (no config.yaml): give the -o of fedws run"
         )
-    print(f"wrote {write_diagnostics(run)}")
+    print(f"wrote {write_diagnostics(run, Path(args.out) if args.out else None)}")
     return 0
 
 
@@ -219,6 +227,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(_format_table(header, rows))
     md, table, png = compare.write(runs, out)
     print(f"wrote {md}, {table} and {png}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from app.tools.predict import predict_run
+
+    predictions = predict_run(
+        Path(args.dir),
+        args.images,
+        args.checkpoint,
+        notice=lambda message: print(f"fedws: {message}", file=sys.stderr),
+    )
+    if args.json:
+        print(json.dumps([p.to_json() for p in predictions], indent=2))
+    else:
+        print("\n".join(p.line() for p in predictions))
     return 0
 
 
@@ -247,19 +273,22 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from app.tools.deploy import SUPERLINK_CERT, start_flower, superlink_command, supervise
+    from app.tools import deploy
 
     certs = None if args.insecure else Path(args.certs)
     if certs is None:
         print("fedws: warning: --insecure: no TLS and no SuperNode authentication", file=sys.stderr)
-    elif not (certs / SUPERLINK_CERT).is_file():
+    elif not (certs / deploy.SUPERLINK_CERT).is_file():
         raise ConfigError(
-            "--certs", f"{certs} has no {SUPERLINK_CERT}: run fedws deploy certs first"
+            "--certs", f"{certs} has no {deploy.SUPERLINK_CERT}: run fedws deploy certs first"
         )
-    db = Path(args.database) if args.database else None
-    command = superlink_command(certs, args.host, args.port, db)
+    if (warning := deploy.exposure_warning(args.host, args.port)) is not None:
+        print(warning, file=sys.stderr)
+    db = deploy.superlink_database(args.database, certs)
+    command = deploy.superlink_command(certs, args.host, args.port, db)
+    deploy.create_database(db)
     print("fedws: " + " ".join(command), flush=True)
-    return supervise([start_flower(command)])
+    return deploy.supervise([deploy.start_flower(command)])
 
 
 def cmd_deploy_stop_local(args: argparse.Namespace) -> int:
@@ -275,7 +304,14 @@ def cmd_deploy_stop_local(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
-    from app.tools.deploy import start_flower, supernode_command, supernode_key, supervise
+    from app.tools.deploy import (
+        connection_hint,
+        relayed,
+        start_watched,
+        supernode_command,
+        supernode_key,
+        supervise,
+    )
 
     if args.count is not None and args.count < 1:
         raise ConfigError("--count", f"must be >= 1, got {args.count}")
@@ -302,12 +338,14 @@ def cmd_deploy_supernodes(args: argparse.Namespace) -> int:
         )
         where = f"GPU {device}" if device else "CPU"
         print(f"fedws: SuperNode {partition}/{total} on {where}: " + " ".join(command), flush=True)
-        commands.append((command, device))
+        commands.append((command, device, connection_hint(partition, args.superlink, certs)))
     procs = [
-        start_flower(command, CUDA_VISIBLE_DEVICES=device, PL_DISABLE_FORK="1")
-        for command, device in commands
+        start_watched(command, hint, CUDA_VISIBLE_DEVICES=device, PL_DISABLE_FORK="1")
+        for command, device, hint in commands
     ]
-    return supervise(procs)
+    code = supervise(procs)
+    relayed()
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run's diagnostics.csv and metrics.csv.",
     )
     dg.add_argument("dir", metavar="RUN_DIR", help="a run directory written by fedws run")
+    dg.add_argument(
+        "-o", "--out", help="folder for diagnostics.md and its figures (default: RUN_DIR)"
+    )
     dg.set_defaults(func=cmd_diagnose)
 
     cp = sub.add_parser(
@@ -411,6 +452,28 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="run directories of fedws run")
     cp.add_argument("-o", "--out", help=f"output folder (default: {DEFAULT_OUT}/compare)")
     cp.set_defaults(func=cmd_compare)
+
+    pr = sub.add_parser(
+        "predict",
+        help="classify image files with a run's checkpoint: class name and probability",
+        description="Classify IMAGES (files, or folders: every .png/.jpg/.jpeg inside) with "
+        "RUN_DIR's global model; one line per image with the class name and its probability. "
+        "The checkpoint holds the class names, the input size and normalization.",
+    )
+    pr.add_argument("dir", metavar="RUN_DIR", help="a run directory written by fedws run")
+    pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders")
+    pr.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        help="best.ckpt (the round chosen on validation data; the default when the run has "
+        "one) or last.ckpt (the final round; the default otherwise)",
+    )
+    pr.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list of {image, class, class_index, probability} instead",
+    )
+    pr.set_defaults(func=cmd_predict)
 
     dep = sub.add_parser(
         "deploy",
@@ -431,9 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_deploy_certs)
     sl = dsub.add_parser("superlink", help="start a SuperLink (TLS + SuperNode auth)")
     sl.add_argument("--certs", default="certs", help="folder written by `deploy certs`")
-    sl.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    sl.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; SuperNodes on other "
+        "machines need e.g. 0.0.0.0, which exposes run submission too: see README)",
+    )
     sl.add_argument("--port", type=int, default=9093, help="HTTPS port of its APIs (9093)")
-    sl.add_argument("--database", help="state database file (default: in memory)")
+    sl.add_argument(
+        "--database",
+        help="state database file: registered keys, nodes and runs survive a restart (default: "
+        "superlink.db in --certs, ./fedws-superlink.db with --insecure; :memory: for none)",
+    )
     sl.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
     sl.set_defaults(func=cmd_deploy_superlink)
     sl_stop = dsub.add_parser(

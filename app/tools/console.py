@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from app.rundir import writing
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes: the console's, never the file's
 RAY_LINE = re.compile(r"^\s*(\x1b\[[0-9;]*m)*\((raylet|[\w.]+ pid=\d+|pid=\d+)[^)]*\)")
 
@@ -106,13 +108,15 @@ def teed(
     it; the server adds Flower's log there), Ray workers' lines only there unless ``workers``;
     Flower's console output at ``level``. An exception leaving the block leaves its traceback
     in the file (the console gets it from Python as usual)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):  # an unwritable run folder is one line, not a traceback
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:
+            path.write_text("")
+        # appending (O_APPEND) even to a fresh file: the server's log handler writes to it
+        # too, and each write must land at the end rather than at this handle's own offset
+        handle = open(path, "a", buffering=1)  # noqa: SIM115 - closed by the with below
     flower_console_level(level)
-    if not append:
-        path.write_text("")
-    # appending (O_APPEND) even to a fresh file: the server's log handler writes to it too, and
-    # each write must land at the end rather than at this handle's own offset
-    with open(path, "a", buffering=1) as log:
+    with handle as log:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log, workers), _Tee(err, log, workers)
         try:

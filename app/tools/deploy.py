@@ -9,7 +9,14 @@ with this environment's ``bin/`` on ``PATH`` and stops them together:
   SuperNode authentication; made with the ``cryptography`` library.
 - ``superlink_command`` / ``supernode_command``: Flower 1.42's flags (one HTTPS port for the
   Fleet, Control and Runtime APIs; SuperNode auth on; runtime dependency installation off, so
-  the nodes use the installed environment).
+  the nodes use the installed environment; a state database file, so registered nodes and
+  their keys survive a SuperLink restart).
+
+Flower 1.42 serves the Control API (``flwr run``, ``flwr supernode register``) on the Fleet
+API's address, with no way to bind it apart (``--control-api-address`` is deprecated and
+ignored) and, outside Flower Enterprise's OIDC login, no authentication: whoever reaches the
+port can submit runs and register node keys. Hence the loopback default and the warning of
+``exposure_warning``.
 """
 
 from __future__ import annotations
@@ -18,18 +25,25 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
-from app.errors import FedwsError
+from app.errors import ConfigError, FedwsError
 from clients.local_state import STATE_DIR
 
 CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY = "ca.crt", "superlink.crt", "superlink.key"
+SUPERLINK_DB = "superlink.db"  # the SuperLink's state, beside the deployment's keys
+INSECURE_DB = "fedws-superlink.db"  # ... with --insecure (no certs folder): in the current one
+IN_MEMORY = (":memory:", ":flwr-in-memory:")  # Flower's names for "no database file"
+PRIVATE_MODE = 0o600
 
 
 def supernode_key(certs: Path, index: int) -> Path:
@@ -108,8 +122,20 @@ def make_certs(out: Path, hosts: list[str], num_supernodes: int, days: int = 365
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
+    """Write a private key that no one but its owner can read at any moment: the file is
+    created with mode 0600 (``O_CREAT | O_EXCL``: a new file, never one opened before) under a
+    temporary name beside ``path``, written, then renamed over ``path``. A key is never on disk
+    with a wider mode (writing first and chmod-ing after would leave it world-readable for a
+    moment) and never half written."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def interpreter_bin() -> str:
@@ -145,6 +171,67 @@ def _flower_tool(name: str) -> str:
 def start_flower(command: list[str], **env: str) -> subprocess.Popen:
     """Start a Flower process with ``flower_env`` (and ``env`` on top)."""
     return subprocess.Popen(command, env=flower_env(**env))
+
+
+CONNECT_FAILED = "Connection attempt failed"  # flower-supernode, each time it cannot connect
+HINT_AFTER = 3  # failed attempts before the hint (Flower retries forever, saying only that)
+
+
+def start_watched(command: list[str], hint: str, **env: str) -> subprocess.Popen:
+    """``start_flower`` with the process's output relayed line by line to this one's stdout;
+    once it has said ``CONNECT_FAILED`` ``HINT_AFTER`` times, ``hint`` goes to stderr, once. A
+    SuperNode that cannot connect (the SuperLink down, or TLS on one side only) retries forever
+    with that line alone: the hint says what to check. ``relayed`` waits for the relays."""
+    proc = subprocess.Popen(
+        command,
+        env=flower_env(PYTHONUNBUFFERED="1", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    relay = threading.Thread(target=relay_output, args=(proc.stdout, hint), daemon=True)
+    relay.start()
+    _relays.append(relay)
+    return proc
+
+
+_relays: list[threading.Thread] = []
+
+
+def relay_output(stream: IO[bytes], hint: str) -> None:
+    """Copy ``stream`` to stdout, adding ``hint`` after ``HINT_AFTER`` failed connections."""
+    failures = 0
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if CONNECT_FAILED in line:
+            failures += 1
+            if failures == HINT_AFTER:
+                print(hint, file=sys.stderr, flush=True)
+    stream.close()
+
+
+def relayed(timeout_s: float = 1.0) -> None:
+    """Wait (briefly: a helper process of Flower may hold the pipe open) for the relays of
+    ``start_watched`` to copy what the stopped processes said last."""
+    deadline = time.monotonic() + timeout_s
+    for relay in _relays:
+        relay.join(max(0.0, deadline - time.monotonic()))
+
+
+def connection_hint(index: int, superlink: str, certs: Path | None) -> str:
+    """What ``start_watched`` says for SuperNode ``index`` that keeps failing to connect."""
+    head = f"fedws: SuperNode {index} keeps failing to connect to {superlink}: is the SuperLink"
+    if certs is None:
+        return (
+            f"{head} running and reachable there? It may require TLS (fedws deploy superlink "
+            "does, unless --insecure): start the nodes without --insecure and with --certs, "
+            f"which gives them --root-certificates <certs>/{CA_CERT}"
+        )
+    return (
+        f"{head} running and reachable there, with TLS (not --insecure), and its certificate "
+        f"signed by {certs / CA_CERT} with that host among its names (fedws deploy certs --host)?"
+    )
 
 
 class _Terminated(Exception):
@@ -247,10 +334,57 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reached from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """The one-line warning for a SuperLink bound beyond this machine; None on loopback."""
+    if is_loopback(host):
+        return None
+    return (
+        f"fedws: warning: --host {host}: node registration and run submission (Flower's "
+        f"Control API, which shares port {port} with the SuperNodes' Fleet API and has no "
+        "login in Flower 1.42) are reachable from that network: allow the port only from the "
+        "SuperNodes' addresses and run flwr on this machine"
+    )
+
+
+def superlink_database(database: str | None, certs: Path | None) -> str:
+    """The SuperLink's ``--database``: ``database`` as given, else ``superlink.db`` in the
+    certs folder (``./fedws-superlink.db`` with ``--insecure``). In a file, the registered
+    keys, the nodes and the runs survive a SuperLink restart (in memory, a restarted SuperLink
+    answers the old nodes with 401 and they exit); ``:memory:`` asks for that anyway."""
+    if database in IN_MEMORY:
+        return database
+    if database:
+        path = Path(database).expanduser()
+    else:
+        path = certs / SUPERLINK_DB if certs is not None else Path(INSECURE_DB)
+    if not path.parent.is_dir():
+        raise ConfigError("--database", f"{path.parent} is not a folder: create it first")
+    return str(path)
+
+
+def create_database(database: str) -> None:
+    """Create the database file, empty (SQLite's new database), with mode 0600 unless it
+    exists: it holds the runs' messages, model weights among them, and SQLite gives its journal
+    files the database's mode."""
+    if database not in IN_MEMORY and not Path(database).exists():
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+
+
 def superlink_command(
-    certs: Path | None, host: str, port: int, database: Path | None = None
+    certs: Path | None, host: str, port: int, database: str | None = None
 ) -> list[str]:
-    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure)."""
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure),
+    its state in ``database`` (``superlink_database``; None: Flower's default, in memory)."""
     command = [_flower_tool("flower-superlink"), "--host", host, "--port", str(port)]
     if certs is None:
         command.append("--insecure")
@@ -266,7 +400,7 @@ def superlink_command(
         ]
     command.append("--disable-runtime-dependency-installation")
     if database is not None:
-        command += ["--database", str(database)]
+        command += ["--database", database]
     return command
 
 

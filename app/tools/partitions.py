@@ -1,6 +1,7 @@
 """How a config splits the training data over clients: the per-client table, the
-``client,label,count`` CSV and the label heatmap of ``fedws partitions``, and the label counts
-the study report draws (from the same code, so both show the same split)."""
+``client,label,count`` CSV (and for a natural partition the ``client,value`` map of each client
+to its value of the ``by`` column) and the label heatmap of ``fedws partitions``, and the label
+counts the study report draws (from the same code, so both show the same split)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from app.data.partitions import (
 from app.tools import plots
 
 PARTITIONS_CSV = "partitions.csv"
+CLIENT_VALUES_CSV = "clients_by_value.csv"  # natural partitions: client,value
 HEATMAP = "label_distribution.png"
+TITLE_VALUES = 3  # a natural partition's values the heatmap's title names before a count
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,27 @@ class PartitionView:
         return label_entropy(self.counts)
 
     @property
+    def natural_values(self) -> list[str]:
+        """A natural partition's client k holds the k-th of these values (sorted as text, as
+        flwr-datasets' NaturalIdPartitioner numbers them); empty for every other kind."""
+        ids = self.dataset.natural_ids
+        if self.data.partition.kind != "natural" or ids is None:
+            return []
+        return sorted(set(ids.tolist()))
+
+    @property
     def title(self) -> str:
         p = self.data.partition
         tag = " [SYNTHETIC DATA]" if self.dataset.synthetic else ""
-        return f"{self.dataset.name}{tag}: {p.kind}" + (
+        title = f"{self.dataset.name}{tag}: {p.kind}" + (
             f" alpha={p.concentration}" if p.kind == "dirichlet" else ""
         )
+        values = self.natural_values
+        if values:
+            shown = ", ".join(values[:TITLE_VALUES])
+            more = f", ... ({len(values)} in all)" if len(values) > TITLE_VALUES else ""
+            title += f" by {p.by}: {shown}{more}"
+        return title
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and a row per client: samples, local train/val, classes present, entropy
@@ -79,8 +97,9 @@ class PartitionView:
             rows.append(row)
         return header, rows
 
-    def write(self, out: Path) -> tuple[Path, Path]:
-        """``out/partitions.csv`` (client,label,count) and ``out/label_distribution.png``."""
+    def write(self, out: Path) -> list[Path]:
+        """``out/partitions.csv`` (client,label,count), for a natural partition
+        ``out/clients_by_value.csv`` (client,value), and ``out/label_distribution.png``."""
         out.mkdir(parents=True, exist_ok=True)
         path = out / PARTITIONS_CSV
         with open(path, "w", newline="") as f:
@@ -89,8 +108,14 @@ class PartitionView:
             for client in range(self.counts.shape[0]):
                 for label in range(self.counts.shape[1]):
                     writer.writerow([client, label, int(self.counts[client, label])])
-        png = self.heatmap(out / HEATMAP)
-        return path, png
+        written = [path]
+        if self.natural_values:
+            written.append(out / CLIENT_VALUES_CSV)
+            with open(written[-1], "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["client", "value"])
+                writer.writerows(enumerate(self.natural_values))
+        return [*written, self.heatmap(out / HEATMAP)]
 
     def heatmap(self, path: Path, title: str | None = None) -> Path:
         return plots.label_heatmap(self.counts, self.dataset.classes, path, title or self.title)

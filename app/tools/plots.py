@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,8 @@ def label_heatmap(
     fig, ax = plt.subplots(
         figsize=(max(5.0, 0.55 * n_classes + 2), max(3.0, 0.32 * n_clients + 1.5))
     )
-    im = ax.imshow(counts, aspect="auto", cmap="viridis")
+    # the scale starts at 0: near-uniform clients must not look skewed
+    im = ax.imshow(counts, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xticks(range(n_classes), [str(c) for c in classes], rotation=45, ha="right")
     step = max(1, n_clients // 25)
     ax.set_yticks(range(0, n_clients, step), [str(i) for i in range(0, n_clients, step)])
@@ -158,6 +160,7 @@ def line_panels(
                 ax.plot(xs, ys, label=label, marker=".", markersize=4, **styles[label])
         if title in log_y and any(p[1] > 0 for s in series.values() for p in s):
             ax.set_yscale("log")
+            _plain_log_ticks(ax)
         if categories is not None:
             ax.set_xticks(range(len(categories)), categories)
         else:
@@ -171,6 +174,92 @@ def line_panels(
             ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+Groups = dict[str, dict[str, list[float]]]  # series label -> category -> values (the seeds)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def category_panels(
+    panels: dict[str, Groups],
+    path: Path,
+    categories: list[str],
+    xlabel: str,
+    ylabels: dict[str, str],
+    log_y: tuple[str, ...] = (),
+    max_cols: int = 2,
+) -> Path:
+    """One panel per title with a value per series and category (a partition): the mean over
+    the seeds as a point with its 95% confidence interval (Student t; a single seed: the point
+    alone), no line joining categories; the series side by side with their own marker and
+    colour, so coinciding ones stay visible. Panels without a value are left out. On a log
+    axis (``log_y``) an interval reaching below a tenth of its mean is cut there (a log axis
+    has no zero), and ticks are plain numbers."""
+    from app.tools.stats import mean_ci
+
+    panels = {t: g for t, g in panels.items() if any(v for s in g.values() for v in s.values())}
+    fig, axes = _panel_grid(max(1, len(panels)), max_cols=max_cols, width=4.6)
+    labels = list(dict.fromkeys(label for groups in panels.values() for label in groups))
+    width = 0.6 / max(1, len(labels))
+    legend: dict[str, Any] = {}
+    for ax, (title, groups) in zip(axes.flat, panels.items(), strict=False):
+        log = title in log_y
+        for i, label in enumerate(labels):
+            xs, ys, low, high = [], [], [], []
+            for j, cat in enumerate(categories):
+                values = [v for v in groups.get(label, {}).get(cat, []) if np.isfinite(v)]
+                if values:
+                    interval = mean_ci(values)
+                    half = interval.half_width or 0.0
+                    xs.append(j + (i - (len(labels) - 1) / 2) * width)
+                    ys.append(interval.mean)
+                    low.append(min(half, 0.9 * interval.mean) if log else half)
+                    high.append(half)
+            if xs:
+                legend[label] = ax.errorbar(
+                    xs, ys, yerr=[low, high], fmt=MARKERS[i % len(MARKERS)], capsize=3,
+                    color=f"C{i % 10}", markersize=5, linestyle="none", label=label,
+                )  # fmt: skip
+        if log:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabels.get(title, ""), fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    if legend:
+        fig.legend(
+            list(legend.values()), list(legend), loc="lower center", frameon=False,
+            ncol=min(len(legend), 3),
+        )  # fmt: skip
+    rows = (len(legend) + 2) // 3
+    fig.tight_layout(rect=(0, 0.05 * rows if legend else 0, 1, 1))
+    return _save(fig, path)
+
+
+def _plain_log_ticks(ax) -> None:
+    """A log axis labelled in plain numbers (0.02, 5.9), never 5.86x10^0: the decades when it
+    spans more than one, else a few plain ticks inside it."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    plain = _plain_formatter()
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    if high / max(low, 1e-300) < 10:  # within one decade: label a few minor ticks
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=8))
+        ax.yaxis.set_minor_formatter(plain)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _plain_formatter():
+    """Tick labels as plain numbers (0.02, 5.9), never 5.86x10^0."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:.3g}")
 
 
 def _save(fig, path: Path) -> Path:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from app import rundir
 from app.config import Config
+from app.data.datasets import resolve_clients
 from app.errors import ConfigError, FedwsError
 from app.learn import runtime
 from app.rundir import RunDir
@@ -54,6 +55,7 @@ def run(
     ``resume`` continues an interrupted run in ``out`` after its last checkpointed round.
     ``log_level``: Flower's console output (default warning; ``verbose``: info, and Ray's
     workers' lines on the console too); ``OUT/run.log`` gets it all."""
+    cfg = resolve_clients(cfg)  # the simulation needs its node count before it starts
     done = preflight(cfg, out, resume)
     flower_console_level(log_level or ("info" if verbose else "warning"))
     bar = tqdm(

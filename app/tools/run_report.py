@@ -35,14 +35,25 @@ def _last(points: list[tuple[float, float]]) -> float:
     return finite[-1] if finite else math.nan
 
 
-def write_diagnostics(run: Path) -> Path:
-    """Write ``run/diagnostics.md`` (and figures); return its path."""
+def layer_names(layers: list[str]) -> dict[str, str]:
+    """Legend names for the layers of a per-layer quantity (BN layers, in model order): what
+    they are ("norm 1", "norm 2", ...), not module paths; ``all`` is their mean."""
+    named = [layer for layer in layers if layer != ALL]
+    names = {layer: f"norm {i}" for i, layer in enumerate(named, start=1)}
+    return names | {ALL: "mean over layers"}
+
+
+def write_diagnostics(run: Path, out: Path | None = None) -> Path:
+    """Write ``diagnostics.md`` and its figures into ``out`` (default: the run directory);
+    return its path."""
     folder = RunDir(run)
     run = folder.path
     curves = rundir.read_diagnostics(folder)
     cfg = rundir.read_config(folder.config)
     summary = rundir.read_summary(folder) or {}
-    figures = folder.figures
+    target = RunDir(out) if out is not None else folder
+    target.path.mkdir(parents=True, exist_ok=True)
+    figures = target.figures
     p = cfg.data.partition
     partition = p.kind + (f"({p.concentration})" if p.kind == "dirichlet" else "")
     md = [
@@ -69,7 +80,13 @@ def write_diagnostics(run: Path) -> Path:
             )
         md.append("")
 
-    names = {ALL: "whole model", "convs": "convolutions", "norms": "norm layers"}
+    names = {
+        ALL: "whole model",
+        "convs": "convolutions",
+        "norms": "norm layers",
+        "classifier": "classifier",
+        "other": "other layers",
+    }
     drift = {
         f"Client drift: {names.get(group, group)}": {
             "mean over clients": curves.get("drift_mean", {}).get(group, []),
@@ -85,10 +102,15 @@ def write_diagnostics(run: Path) -> Path:
         ylabels["Update agreement"] = "cosine (1: same direction)"
     if drift:
         png = plots.line_panels(drift, figures / "diag_drift.png", ylabels=ylabels, max_cols=2)
-        md += ["## Client drift and update agreement", "", f"![drift]({png.relative_to(run)})", ""]
+        md += [
+            "## Client drift and update agreement",
+            "",
+            f"![drift]({png.relative_to(target.path)})",
+            "",
+        ]
 
     bn = {
-        title: dict(curves[q])
+        title: {layer_names(list(curves[q]))[layer]: points for layer, points in curves[q].items()}
         for q, title in (
             ("bn_divergence", "BN statistics: clients vs aggregate"),
             ("bn_test_gap", "BN statistics: train vs test"),
@@ -101,17 +123,18 @@ def write_diagnostics(run: Path) -> Path:
             bn,
             figures / "diag_bn_statistics.png",
             log_y=tuple(bn),
-            ylabels=dict.fromkeys(bn, "symmetric KL (per layer; all: mean)"),
+            ylabels=dict.fromkeys(bn, "symmetric KL divergence"),
             max_cols=2,
         )
         md += [
             "## BatchNorm statistics",
             "",
-            "One line per BN layer, `all` = their mean. A large gap between the global model's "
-            "running statistics and what the test data produce means the model normalizes test "
-            "inputs with the wrong mean/variance: recalibration removes exactly that part.",
+            "One line per BN layer (norm 1 is the first in the model), and their mean. A large "
+            "gap between the global model's running statistics and what the test data produce "
+            "means the model normalizes test inputs with the wrong mean/variance: "
+            "recalibration removes exactly that part.",
             "",
-            f"![BN statistics]({png.relative_to(run)})",
+            f"![BN statistics]({png.relative_to(target.path)})",
             "",
         ]
     accuracy = {"global test accuracy": rundir.metric_curve(folder, "test_accuracy")}
@@ -125,6 +148,6 @@ def write_diagnostics(run: Path) -> Path:
         figures / "diag_accuracy.png",
         ylabels={"Global test accuracy": "accuracy"},
     )
-    md += ["## Accuracy", "", f"![accuracy]({png.relative_to(run)})", ""]
-    folder.diagnostics_report.write_text("\n".join(md))
-    return folder.diagnostics_report
+    md += ["## Accuracy", "", f"![accuracy]({png.relative_to(target.path)})", ""]
+    target.diagnostics_report.write_text("\n".join(md))
+    return target.diagnostics_report

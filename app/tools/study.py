@@ -44,7 +44,16 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from app import rundir
-from app.config import Config, apply_overrides, build, dump_config, load_config, read_yaml
+from app.config import (
+    Config,
+    apply_overrides,
+    build,
+    dump_config,
+    load_config,
+    read_yaml,
+    yaml_dump,
+)
+from app.data.datasets import resolve_clients
 from app.errors import ConfigError, FedwsError
 from app.rundir import RunDir, StudyDir
 from app.tools.console import console_stream
@@ -110,42 +119,67 @@ def _overrides(mapping: dict[str, Any]) -> list[str]:
 
 
 def _yaml_value(value: Any) -> str:
-    flow = yaml.safe_dump([value], default_flow_style=True, sort_keys=False, width=10**9)
+    flow = yaml_dump([value], default_flow_style=True, sort_keys=False, width=10**9)
     return flow.strip()[1:-1]  # the one item of a one-item flow list
 
 
 def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Study:
     """Read and expand a study file; every cell's config is validated before anything runs."""
     path = Path(path)
+    raw = _read_study_file(path)
+    base = read_yaml((path.parent / str(raw["base"])).resolve())
+    grid, extra = raw.get("grid") or {}, raw.get("extra") or []
+    base_overridden = apply_overrides(base, _overrides(raw.get("overrides") or {}))
+    cells, seen = [], set()
+    for axes, label, named in _assignments(path, grid, extra):
+        cid = cell_id(named)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        raw_cfg = apply_overrides(base_overridden, _overrides(axes) + list(cli_overrides or []))
+        cells.append(Cell(cid, axes, _cell_config(raw_cfg, cid, path), label))
+    keys = list(grid)
+    # the axes rows and columns are told apart by (a labelled cell's own keys are its label's)
+    axes = tuple(dict.fromkeys([*keys, *(k for c in cells if not c.label for k in c.axes)]))
+    target = raw.get("target_accuracy")
+    target = float(target) if target is not None else None
+    return Study(path, tuple(cells), axes, target, raw.get("baseline"))
+
+
+def _read_study_file(path: Path) -> dict[str, Any]:
+    """The study file, its keys and their shapes checked (one ConfigError naming the key)."""
     raw = read_yaml(path)
     unknown = sorted(set(raw) - set(STUDY_KEYS))
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}", f"unknown key; allowed: {', '.join(STUDY_KEYS)}")
     if "base" not in raw:
         raise ConfigError(f"{path}: base", "missing: the config the study starts from")
-    base_path = (path.parent / str(raw["base"])).resolve()
-    base = read_yaml(base_path)
-    grid = raw.get("grid") or {}
-    extra = raw.get("extra") or []
-    overrides = raw.get("overrides") or {}
-    for name, value, kind in (("grid", grid, dict), ("overrides", overrides, dict)):
-        if not isinstance(value, kind):
+    for name in ("grid", "overrides"):
+        if not isinstance(raw.get(name) or {}, dict):
             raise ConfigError(f"{path}: {name}", "must be a mapping of config keys")
+    extra = raw.get("extra") or []
     if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
         raise ConfigError(f"{path}: extra", "must be a list of mappings of config keys")
-    for key, values in grid.items():
+    for key, values in (raw.get("grid") or {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid.{key}", "must be a non-empty list of values")
     target = raw.get("target_accuracy")
     if target is not None and not (isinstance(target, int | float) and 0 < target <= 1):
         raise ConfigError(f"{path}: target_accuracy", f"must be in (0, 1], got {target!r}")
+    baseline = raw.get("baseline")
+    if baseline is not None and not isinstance(baseline, str):
+        raise ConfigError(f"{path}: baseline", f"must be a row label, got {baseline!r}")
+    return raw
 
+
+def _assignments(
+    path: Path, grid: dict[str, list], extra: list[dict]
+) -> list[tuple[dict[str, Any], str | None, dict[str, Any]]]:
+    """Each cell as (its config keys, its label, what names it: its axes, or its label and
+    the grid axes it leaves free): the grid's combinations, then each extra entry over them."""
     keys = list(grid)
     combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
-    # (the cell's config keys, its label, what names it: its axes, or its label + free axes)
-    assignments: list[tuple[dict[str, Any], str | None, dict[str, Any]]] = [
-        (c, None, c) for c in combos
-    ]
+    out: list[tuple[dict[str, Any], str | None, dict[str, Any]]] = [(c, None, c) for c in combos]
     for entry in extra:
         entry = dict(entry)
         label = entry.pop(LABEL, None)
@@ -155,31 +189,22 @@ def load_study(path: str | Path, cli_overrides: list[str] | None = None) -> Stud
         for combo in {cell_id({k: c[k] for k in free}): c for c in combos}.values():
             axes = {**entry, **{k: combo[k] for k in free}}
             named = {LABEL: label, **{k: combo[k] for k in free}} if label else axes
-            assignments.append((axes, label, named))
+            out.append((axes, label, named))
+    return out
 
-    base_overridden = apply_overrides(base, _overrides(overrides))
-    cells, seen = [], set()
-    for axes, label, named in assignments:
-        cid = cell_id(named)
-        if cid in seen:
-            continue
-        seen.add(cid)
-        raw_cfg = apply_overrides(base_overridden, _overrides(axes) + list(cli_overrides or []))
-        try:
-            cfg = build(raw_cfg)
-        except ConfigError as err:
-            raise ConfigError(f"cell {cid}: {err.field}", err.message) from None
-        if cfg.logging.experiment is None:  # a study is one experiment (MLflow, W&B)
-            logging = dataclasses.replace(cfg.logging, experiment=path.stem)
-            cfg = dataclasses.replace(cfg, logging=logging)
-        cells.append(Cell(cid, axes, cfg, label))
-    # the axes rows and columns are told apart by (a labelled cell's own keys are its label's)
-    axes = tuple(dict.fromkeys([*keys, *(k for c in cells if not c.label for k in c.axes)]))
-    baseline = raw.get("baseline")
-    if baseline is not None and not isinstance(baseline, str):
-        raise ConfigError(f"{path}: baseline", f"must be a row label, got {baseline!r}")
-    target = float(target) if target is not None else None
-    return Study(path, tuple(cells), axes, target, baseline)
+
+def _cell_config(raw_cfg: dict[str, Any], cid: str, path: Path) -> Config:
+    """A cell's validated config (a natural partition's client count resolved); a study is one
+    experiment (MLflow, W&B) named after it."""
+    try:
+        cfg = resolve_clients(build(raw_cfg))
+    except ConfigError as err:
+        raise ConfigError(f"cell {cid}: {err.field}", err.message) from None
+    if cfg.logging.experiment is None:
+        cfg = dataclasses.replace(
+            cfg, logging=dataclasses.replace(cfg.logging, experiment=path.stem)
+        )
+    return cfg
 
 
 def launch_subprocess(config: Path, out: Path, ray_cpus: int | None) -> str | None:
@@ -319,13 +344,17 @@ FINISHED_CELL, STALE, NEW = "finished", "stale", "new"
 
 
 def cell_state(cell: Cell, folder: StudyDir) -> str:
-    """``finished``: a result (completed or diverged) of this very config, reused; ``stale``:
-    a result of other settings (or an unreadable config), run again; ``new``: anything else
-    (never run, pending, failed), run. Settings no number depends on (logging, simulation
-    resources) are not compared."""
+    """``finished``: a result (completed or diverged) of this very config by this version of
+    the code (``rundir.RESULTS_VERSION``), reused; ``stale``: a result of other settings, an
+    earlier version or an unreadable config, run again; ``new``: anything else (never run,
+    pending, failed), run. Settings no number depends on (logging, simulation resources but
+    the device) are not compared."""
     run = folder.run(cell.id)
-    if rundir.run_status(run) not in rundir.FINISHED:
+    summary = rundir.read_summary(run) or {}
+    if summary.get("status") not in rundir.FINISHED:
         return NEW
+    if summary.get("results_version") != rundir.RESULTS_VERSION:
+        return STALE  # numbers from code that draws or computes differently
     try:
         saved = rundir.read_config(run.config)
     except (OSError, FedwsError, ValueError, yaml.YAMLError):

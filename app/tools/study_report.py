@@ -24,6 +24,7 @@ import numpy as np
 from app import rundir
 from app.config import Config
 from app.data.partitions import label_entropy
+from app.errors import FedwsError
 from app.rundir import RESULT_COLUMNS, StudyDir
 from app.tools import plots
 from app.tools.partitions import partition_views
@@ -223,16 +224,19 @@ def _table(
 ) -> str:
     seeds = max((len(g) for g in groups.values()), default=0)
     intervals = {k: mean_ci(list(g.values())) for k, g in groups.items() if g}
-    # a group with diverged seeds averages only the others: it is shown, never bolded as best;
-    # nor is a mean over fewer than MIN_SEEDS_TO_BOLD seeds, nor a tie
+    # The bold entry is the highest mean shown in its column, as printed (4 decimals), and only
+    # if no other entry shows the same, it rests on >= MIN_SEEDS_TO_BOLD seeds and lost none
+    # to divergence; otherwise the column has no bold entry (a lower mean is never bolded).
+    shown = {k: round(i.mean, 4) for k, i in intervals.items()}
     means = {
-        k: i.mean for k, i in intervals.items() if k not in diverged and i.n >= MIN_SEEDS_TO_BOLD
+        k: shown[k] for k, i in intervals.items() if k not in diverged and i.n >= MIN_SEEDS_TO_BOLD
     }
     best = {}
     for col in cols:
-        in_col = [m for (r, c), m in means.items() if c == col]
+        in_col = [m for (r, c), m in shown.items() if c == col]
         top = max(in_col, default=None)
-        best[col] = top if in_col.count(top) == 1 else None
+        eligible = any(m == top for (r, c), m in means.items() if c == col)
+        best[col] = top if eligible and in_col.count(top) == 1 else None
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         cells_md = []
@@ -338,43 +342,57 @@ def paired_table(
     return "\n".join(lines)
 
 
-# The "Why" section: (quantity, which summary value, what the table shows); the quantities
-# are app.learn.diagnostics'.
-# each "Why" quantity's figure panel: a title in words and the y-axis label
-WHY_PANELS = {
-    "update_cosine": ("Update agreement", "mean pairwise cosine (mean over rounds)"),
-    "drift_spread": ("Client disagreement", "spread around the mean (mean over rounds)"),
-    "bn_divergence": ("BN statistics: clients vs aggregate", "symmetric KL (mean over rounds)"),
-    "bn_test_gap": ("BN statistics: train vs test", "symmetric KL, final model"),
-}
-RECALIBRATED = "bn_test_gap_recalibrated"
+@dataclass(frozen=True)
+class WhyQuantity:
+    """A diagnostics quantity of the "Why" section (``app.learn.diagnostics``): which summary
+    value is shown, what its table says, and its figure panel's title and y-axis label."""
+
+    name: str
+    which: str  # "mean" over rounds, or the "final" round's
+    text: str
+    title: str
+    ylabel: str
+    log: bool = False
+
+
 WHY = (
-    (
+    WhyQuantity(
         "update_cosine",
         "mean",
         "Update agreement: mean pairwise cosine of the client updates, "
         "mean over rounds (1: clients pull the same way).",
+        "Update agreement",
+        "mean cosine of client updates",
     ),
-    (
+    WhyQuantity(
         "drift_spread",
         "mean",
         "Client disagreement: mean ‖w_k - mean_j w_j‖ / ‖w_prev‖, mean over rounds.",
+        "Client disagreement",
+        "distance of clients from their mean",
     ),
-    (
+    WhyQuantity(
         "bn_divergence",
         "mean",
         "BN-statistics divergence: symmetric KL between each client's BN "
         "running statistics and the aggregated ones, mean over channels, clients, layers and "
         "rounds (only where BN statistics travel).",
+        "BN statistics: clients vs aggregate",
+        "divergence of client BN statistics",
+        log=True,
     ),
-    (
+    WhyQuantity(
         "bn_test_gap",
         "final",
         "Train/test statistics gap of the final global model: symmetric KL "
         "between its BN running statistics and the batch statistics of the test data, mean over "
         "layers (before any recalibration).",
+        "BN statistics: train vs test",
+        "gap between BN and test statistics",
+        log=True,
     ),
 )
+RECALIBRATED = "bn_test_gap_recalibrated"
 
 
 def _diagnostic(quantity: str, which: str):
@@ -385,13 +403,23 @@ def _diagnostic(quantity: str, which: str):
     return value
 
 
-def why_section(out: Path, cells: list[CellResult], figures: Path) -> list[str]:
-    """Markdown of the diagnostics next to the accuracy table, and a figure of each against
-    heterogeneity; empty when no cell recorded diagnostics."""
+def _seed_values(cells: list[CellResult], value, suffix: str = "") -> plots.Groups:
+    """Series (row label + ``suffix``) -> category (partition) -> the seeds' values."""
+    groups: plots.Groups = {}
+    for c in cells:
+        v = value(c)
+        if not math.isnan(v):
+            groups.setdefault(c.row + suffix, {}).setdefault(c.column, []).append(v)
+    return groups
+
+
+def why_section(cells: list[CellResult], figures: Path, out: Path, links: list[str]) -> list[str]:
+    """Markdown of the diagnostics next to the accuracy table and a figure of each against the
+    partitions (points with their seeds' interval); ``links`` to each run's diagnostics.md
+    (written by the caller). Empty when no cell recorded diagnostics."""
     done = [c for c in cells if c.completed and c.summary.get("diagnostics")]
     if not done:
         return []
-    cols = _ordered(c.column for c in cells)
     md = [
         "## Why: what the federation did to the models",
         "",
@@ -401,51 +429,42 @@ def why_section(out: Path, cells: list[CellResult], figures: Path) -> list[str]:
         "statistics do not match what the test data produce.",
         "",
     ]
-    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    ylabels: dict[str, str] = {}
-
-    def series_of(value, suffix: str = "") -> dict[str, list[tuple[float, float]]]:
-        series: dict[str, list[tuple[float, float]]] = {}
-        for row in _ordered(c.row for c in done):
-            for i, col in enumerate(cols):
-                values = [value(c) for c in done if c.row == row and c.column == col]
-                values = [v for v in values if not math.isnan(v)]
-                if values:
-                    series.setdefault(row + suffix, []).append((i, float(np.mean(values))))
-        return series
-
-    for quantity, which, text in WHY:
-        value = _diagnostic(quantity, which)
+    panels: dict[str, plots.Groups] = {}
+    for q in WHY:
+        value = _diagnostic(q.name, q.which)
         if all(math.isnan(value(c)) for c in done):
             continue
-        md += [f"{text}", "", accuracy_table(done, value, bold=False), ""]
-        title, ylabel = WHY_PANELS[quantity]
-        panels[title] = series_of(value)
-        if quantity == "bn_test_gap":  # and after server-side recalibration, where it ran
-            panels[title] |= series_of(_diagnostic(RECALIBRATED, which), " (recalibrated)")
-        ylabels[title] = ylabel
+        md += [q.text, "", accuracy_table(done, value, bold=False), ""]
+        panels[q.title] = _seed_values(done, value)
+        if q.name == "bn_test_gap":  # and after server-side recalibration, where it ran
+            panels[q.title] |= _seed_values(
+                done, _diagnostic(RECALIBRATED, q.which), ", recalibrated"
+            )
     if panels:
-        log_y = tuple(t for t in panels if t.startswith("BN "))
-        png = plots.line_panels(
+        png = plots.category_panels(
             panels,
             figures / "why_vs_heterogeneity.png",
-            "partition",
-            log_y,
-            categories=cols,
-            ylabels=ylabels,
-            max_cols=2,
+            categories=_ordered(c.column for c in cells),
+            xlabel="partition",
+            ylabels={q.title: q.ylabel for q in WHY},
+            log_y=tuple(q.title for q in WHY if q.log),
         )
         md += [f"![diagnostics vs heterogeneity]({png.relative_to(out)})", ""]
-    links = []
-    for c in done:
-        run = StudyDir(out).run(c.id)
-        if run.diagnostics.is_file():
-            seed = f", seed {c.config.seed}" if c.config else ""
-            report = write_diagnostics(run.path).relative_to(out)
-            links.append(f"[{c.row}, {c.column}{seed}]({report})")
     if links:
         md += ["Per run: " + " · ".join(links), ""]
     return md
+
+
+def write_run_diagnostics(out: Path, cells: list[CellResult]) -> list[str]:
+    """Each run's ``diagnostics.md`` (``fedws diagnose``), as links naming row, column and seed."""
+    links = []
+    for c in cells:
+        run = StudyDir(out).run(c.id)
+        if c.completed and run.diagnostics.is_file():
+            seed = f", seed {c.config.seed}" if c.config else ""
+            report = write_diagnostics(run.path).relative_to(out)
+            links.append(f"[{c.row}, {c.column}{seed}]({report})")
+    return links
 
 
 def settings_line(cells: list[CellResult], axes: list[str]) -> str:
@@ -499,21 +518,35 @@ def interval_coverage(cells: list[CellResult]) -> str:
     seeds = sorted({c.seed for c in configs})
     data_seeds = sorted({c.data.partition.seed for c in configs})
     listed = f"seed{'s' if len(seeds) > 1 else ''} {_seed_list(seeds)}"
+    training = ["the initialisation", "the batch order"]
+    if any(c.federation.fraction_train < 1 or c.federation.fraction_evaluate < 1 for c in configs):
+        training.append("which clients take part each round")
     if all(c.data.partition.seed == c.seed for c in configs):
-        return (
-            f"Intervals over {listed}: each seed draws the partition (and every other draw "
-            "from the data), the initialisation and the batch order."
+        natural = any(c.data.partition.kind == "natural" for c in configs)
+        drawn = (
+            ["each client's train/val split (the clients are fixed by the data's column)"]
+            if natural
+            else ["the partition"]
         )
+        if any(c.data.train_samples for c in configs):
+            drawn.append("the training subset")
+        if any(c.data.test_samples for c in configs):
+            drawn.append("the test subset")
+        return f"Intervals over {listed}: each seed draws " + _words(drawn + training) + "."
     if len(data_seeds) == 1:
         return (
-            f"Intervals over {listed} with the partition pinned to seed {data_seeds[0]} "
-            "(data.partition.seed): training noise only (initialisation and batch order), "
-            "one draw of the data."
+            f"Intervals over {listed} with the data draws pinned to seed {data_seeds[0]} "
+            f"(data.partition.seed): training noise only ({_words(training)}), one draw of the "
+            "data."
         )
     return (
         f"Intervals over {listed}; the data draws used seeds {_seed_list(data_seeds)} "
         "(data.partition.seed set per cell): see each run's config.yaml for what varied."
     )
+
+
+def _words(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def global_cells(cells: list[CellResult]) -> list[CellResult]:
@@ -547,18 +580,47 @@ def _paired_section(
 
 
 def write_report(out: Path) -> Path:
-    """Write ``results.csv``, ``report.md`` and the PNGs under ``out/figures``."""
+    """Write ``results.csv``, ``report.md`` and the PNGs under ``out/figures``: each section
+    built by its own function; files are written here and by the figure functions only."""
     study = StudyDir(out)
     meta, cells = load_results(out)
-    target = meta.get("target_accuracy")
-    write_results_csv(out, cells, target)
+    write_results_csv(out, cells, meta.get("target_accuracy"))
     figures = study.figures
     figures.mkdir(exist_ok=True)
+    base = meta.get("baseline")
+    counts, skipped = _label_counts_or_reason(cells)
+    md = _header(meta, cells)
+    md += _global_section(cells, meta["axes"], base)
+    md += _client_section(cells, base)
+    md += _domain_sections(cells, base)
+    md += why_section(cells, figures, out, write_run_diagnostics(out, cells))
+    md += _curve_sections(cells, figures, out)
+    md += _label_section(counts, skipped, figures, out)
+    md += _spread_section(cells, counts, figures, out)
+    md += _failed_section(cells)
+    study.report.write_text("\n".join(md))
+    return study.report
+
+
+def _header(meta: dict[str, Any], cells: list[CellResult]) -> list[str]:
     done = [c for c in cells if c.completed]
     failed = [c for c in cells if c.status == rundir.FAILED]
     diverged = [c for c in cells if c.diverged]
     pending = [c for c in cells if c.status not in (*rundir.FINISHED, rundir.FAILED)]
-    cols = _ordered(c.column for c in cells)
+    return [
+        "# fedws study report",
+        "",
+        f"Study `{meta.get('source')}`; {len(done)} of {len(cells)} cells completed"
+        + (f", {len(diverged)} diverged" if diverged else "")
+        + (f", {len(failed)} failed" if failed else "")
+        + (f", {len(pending)} not run" if pending else "")
+        + f". Written {dt.datetime.now().isoformat(timespec='seconds')} by `fedws report`.",
+        "",
+    ]
+
+
+def _global_section(cells: list[CellResult], axes: list[str], base: str | None) -> list[str]:
+    """The final global test accuracy and its paired differences, global models only."""
     glob = global_cells(cells)
     left_out = _ordered(c.row for c in cells if c not in glob)
     untrained_note = (
@@ -568,19 +630,10 @@ def write_report(out: Path) -> Path:
         if left_out
         else ""
     )
-
     md = [
-        "# fedws study report",
-        "",
-        f"Study `{meta.get('source')}`; {len(done)} of {len(cells)} cells completed"
-        + (f", {len(diverged)} diverged" if diverged else "")
-        + (f", {len(failed)} failed" if failed else "")
-        + (f", {len(pending)} not run" if pending else "")
-        + f". Written {dt.datetime.now().isoformat(timespec='seconds')} by `fedws report`.",
-        "",
         "## Final global test accuracy",
         "",
-        settings_line(cells, meta["axes"])
+        settings_line(cells, axes)
         + " "
         + CI_NOTE
         + " Best mean per column in bold. "
@@ -590,22 +643,30 @@ def write_report(out: Path) -> Path:
         accuracy_table(glob),
         "",
     ]
-    base = meta.get("baseline")
-    md += _paired_section(glob, _final, "final global test accuracy", baseline=base)
-    md += [
+    return md + _paired_section(glob, _final, "final global test accuracy", baseline=base)
+
+
+def _client_section(cells: list[CellResult], base: str | None) -> list[str]:
+    md = [
         "## Mean client accuracy",
         "",
         "The final global model on each client's own validation split (under FedBN with the "
         "client's local BatchNorm layers): the personalised view, mean over clients, then over "
         "seeds (" + CI_NOTE + ") FedBN keeps BN layers on the clients, so its global test "
-        "accuracy above measures a model with untrained BN layers; this table is its fair "
-        "comparison.",
+        "accuracy is not a measure of it; this table is its fair comparison. "
+        + interval_coverage(cells),
         "",
         accuracy_table(cells, _client_mean),
         "",
     ]
-    md += _paired_section(cells, _client_mean, "mean client accuracy", baseline=base)
-    for col in cols:  # a per-domain table for each partition with domains
+    return md + _paired_section(cells, _client_mean, "mean client accuracy", baseline=base)
+
+
+def _domain_sections(cells: list[CellResult], base: str | None) -> list[str]:
+    """A per-domain table for each partition with domains."""
+    cols = _ordered(c.column for c in cells)
+    md: list[str] = []
+    for col in cols:
         in_col = [c for c in cells if c.column == col]
         per_domain = domain_table(in_col)
         if per_domain is None:
@@ -623,73 +684,107 @@ def write_report(out: Path) -> Path:
             "",
         ]
         md += _paired_section(in_col, None, "per-domain accuracy", True, base)
-    md += why_section(out, cells, figures)
-    if done:
-        fedbn = {c.row for c in done if c.config and c.config.server_model_untrained}
-        curves = plots.accuracy_curves(
-            {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},
-            figures / "accuracy_vs_round.png",
-            unreliable=fedbn,
-        )
-        md += ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
-        alpha_points = [
-            (c.row, c.config.data.partition.concentration, c.final)
-            for c in global_cells(done)
-            if c.config and c.config.data.partition.kind == "dirichlet"
+    return md
+
+
+def _curve_sections(cells: list[CellResult], figures: Path, out: Path) -> list[str]:
+    """Accuracy against the round per partition, and against the Dirichlet alpha."""
+    done = [c for c in cells if c.completed]
+    if not done:
+        return []
+    cols = _ordered(c.column for c in cells)
+    fedbn = {c.row for c in done if c.config and c.config.server_model_untrained}
+    curves = plots.accuracy_curves(
+        {col: [(c.row, c.curve) for c in done if c.column == col] for col in cols},
+        figures / "accuracy_vs_round.png",
+        unreliable=fedbn,
+    )
+    md = ["## Accuracy vs round", "", f"![accuracy vs round]({curves.relative_to(out)})", ""]
+    alpha_points = [
+        (c.row, c.config.data.partition.concentration, c.final)
+        for c in global_cells(done)
+        if c.config and c.config.data.partition.kind == "dirichlet"
+    ]
+    if len({a for _, a, _ in alpha_points}) >= 2:
+        png = plots.accuracy_vs_alpha(alpha_points, figures / "accuracy_vs_alpha.png")
+        md += [
+            "## Accuracy vs heterogeneity",
+            "",
+            "Final global accuracy against the Dirichlet concentration (smaller = more skew).",
+            "",
+            f"![accuracy vs alpha]({png.relative_to(out)})",
+            "",
         ]
-        if len({a for _, a, _ in alpha_points}) >= 2:
-            png = plots.accuracy_vs_alpha(alpha_points, figures / "accuracy_vs_alpha.png")
-            md += [
-                "## Accuracy vs heterogeneity",
-                "",
-                "Final global accuracy against the Dirichlet concentration (smaller = more skew).",
-                "",
-                f"![accuracy vs alpha]({png.relative_to(out)})",
-                "",
-            ]
+    return md
+
+
+LabelCounts = dict[str, tuple[np.ndarray, tuple[str, ...]]]
+
+
+def _label_counts_or_reason(cells: list[CellResult]) -> tuple[LabelCounts, str | None]:
+    """Each partition's label counts, or why they could not be read (the data may be gone
+    when a report is rebuilt on another machine): a missing or unusable dataset, nothing else."""
     try:
-        counts = _partition_counts(cells)
-    except Exception as err:  # the data may be gone when a report is rebuilt elsewhere
-        counts = {}
-        md += [f"(Label distributions skipped: {err})", ""]
+        return _partition_counts(cells), None
+    except (FedwsError, OSError) as err:
+        return {}, str(err)
+
+
+def _label_section(counts: LabelCounts, skipped: str | None, figures: Path, out: Path) -> list[str]:
+    if skipped is not None:
+        return [f"(Label distributions skipped: {skipped})", ""]
+    if not counts:
+        return []
+    md = ["## Label distributions", ""]
+    for i, (col, (matrix, classes)) in enumerate(counts.items()):
+        png = plots.label_heatmap(matrix, classes, figures / f"labels_{i}.png", col)
+        entropy = float(label_entropy(matrix).mean())
+        md += [
+            f"{col}: mean label entropy {entropy:.3f} bits",
+            "",
+            f"![{col}]({png.relative_to(out)})",
+            "",
+        ]
+    return md
+
+
+def _spread_section(
+    cells: list[CellResult], counts: LabelCounts, figures: Path, out: Path
+) -> list[str]:
+    """Per-client accuracy under the strongest skew (the lowest mean label entropy, else the
+    lowest accuracy)."""
+    done = [c for c in cells if c.completed]
+    if not done:
+        return []
+    cols = _ordered(c.column for c in cells)
     if counts:
-        md += ["## Label distributions", ""]
-        for i, (col, (matrix, classes)) in enumerate(counts.items()):
-            png = plots.label_heatmap(matrix, classes, figures / f"labels_{i}.png", col)
-            entropy = float(label_entropy(matrix).mean())
-            md += [
-                f"{col}: mean label entropy {entropy:.3f} bits",
-                "",
-                f"![{col}]({png.relative_to(out)})",
-                "",
-            ]
-    if done:
-        if counts:
-            strongest = min(counts, key=lambda col: float(label_entropy(counts[col][0]).mean()))
-        else:
-            strongest = min(
-                cols, key=lambda col: np.mean([c.final for c in done if c.column == col] or [1])
-            )
-        spread = {
-            row: [a for c in done if c.column == strongest and c.row == row for a in c.client_acc]
-            for row in _ordered(c.row for c in done)
-        }
-        spread = {k: v for k, v in spread.items() if v}
-        if spread:
-            png = plots.client_spread(spread, figures / "client_spread.png", strongest)
-            md += [
-                f"## Per-client accuracy under the strongest skew ({strongest})",
-                "",
-                "The final global model on each client's local validation split, all seeds pooled.",
-                "",
-                f"![client spread]({png.relative_to(out)})",
-                "",
-            ]
-    if failed:
-        md += (
-            ["## Failed cells", ""]
-            + [f"- `{c.id}`: {c.summary.get('error')}" for c in failed]
-            + [""]
+        strongest = min(counts, key=lambda col: float(label_entropy(counts[col][0]).mean()))
+    else:
+        strongest = min(
+            cols, key=lambda col: np.mean([c.final for c in done if c.column == col] or [1])
         )
-    study.report.write_text("\n".join(md))
-    return study.report
+    spread = {
+        row: [a for c in done if c.column == strongest and c.row == row for a in c.client_acc]
+        for row in _ordered(c.row for c in done)
+    }
+    spread = {k: v for k, v in spread.items() if v}
+    if not spread:
+        return []
+    png = plots.client_spread(spread, figures / "client_spread.png", strongest)
+    return [
+        f"## Per-client accuracy under the strongest skew ({strongest})",
+        "",
+        "The final global model on each client's local validation split, all seeds pooled.",
+        "",
+        f"![client spread]({png.relative_to(out)})",
+        "",
+    ]
+
+
+def _failed_section(cells: list[CellResult]) -> list[str]:
+    failed = [c for c in cells if c.status == rundir.FAILED]
+    if not failed:
+        return []
+    return (
+        ["## Failed cells", ""] + [f"- `{c.id}`: {c.summary.get('error')}" for c in failed] + [""]
+    )

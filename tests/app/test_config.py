@@ -211,8 +211,17 @@ def test_a_config_written_by_an_earlier_fedws_with_every_setting_still_reads(tmp
     old["federation"].update(proximal_mu=0.01, server_learning_rate=1.0, server_momentum=0.9)
     old["data"]["partition"].update(classes_per_client=2, shards_per_client=2)
     old["data"]["partition"]["feature"] = {"noise_std": 0.3, "contrast": 0.5, "rotation": 30.0}
+    old["faults"] = old.pop("fault_injection")  # the names before 0.2
+    old["server"]["tensorboard"] = True
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(old))
-    assert read_config(path) == load_config(QUICKSTART)
+    now = load_config(QUICKSTART, ["logging.loggers=[csv, tensorboard]"])
+    assert read_config(path) == now
     with pytest.raises(ConfigError):
         load_config(path)  # as a user's config, the unused settings are refused
+
+
+def test_a_string_that_looks_like_a_number_survives_a_save_and_a_reload():
+    cfg = load_config(QUICKSTART, ["logging.experiment='1e5'"])
+    assert cfg.logging.experiment == "1e5"
+    assert build(yaml_load(dump_config(cfg))) == cfg

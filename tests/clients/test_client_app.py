@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from helpers import set_task_identity, small_config
 
 from app.config import Config, dump_config
+from app.errors import ConfigError
 from app.learn.runtime import CONFIG_KEY, RUN_KEY, dataset, new_module, shard
 from app.learn.state import select, state_policy
 from app.learn.trainer import make_trainer
@@ -193,7 +194,7 @@ def test_node_count_must_match_the_config():
     cfg = small_config()
     ctx = context(cfg)
     ctx.node_config["num-partitions"] = 9
-    with pytest.raises(ValueError, match=r"9 nodes but data\.partition\.num_clients is 4"):
+    with pytest.raises(ConfigError, match=r"num_clients: this federation has 9 nodes but the co"):
         app(message(cfg, global_arrays(cfg)), ctx)
 
 

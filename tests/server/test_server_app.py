@@ -3,7 +3,6 @@ directly (no Ray): run directory contract, state policy on the server, failures,
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -13,20 +12,21 @@ import pytest
 import torch
 import yaml
 from flwr.serverapp import strategy as fl
-from helpers import InProcessGrid, set_task_identity, small_config
+from helpers import InProcessGrid, set_task_identity, small_config, tensorboard_scalars
 
-from app.config import ConfigError, build
+from app.config import STRATEGIES, ConfigError, build
 from app.learn.classifier import FedwsClassifier
 from app.learn.runtime import dataset, new_module
-from app.learn.server_optim import SERVER_OPTIMIZERS, FedAdam
+from app.learn.server_optim import FedAdam
 from app.learn.state import state_policy
 from app.learn.trainer import tensor_loader
+from app.rundir import read_csv
 from clients.client_app import app as client_app
 from server.evaluation import GlobalEvaluator
 from server.run_log import CLIENT_COLUMNS, METRIC_COLUMNS
 from server.sampling import TRAIN
 from server.server_app import run_federation
-from server.strategy import STRATEGY_CLASSES, TooFewRepliesError, build_strategy
+from server.strategy import TooFewRepliesError, build_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -36,11 +36,6 @@ def task_identity(monkeypatch):
 
 def federate(cfg, out: Path):
     return run_federation(InProcessGrid(client_app, cfg.data.partition.num_clients), cfg, out)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_directory_contract(tmp_path):
@@ -125,7 +120,9 @@ def test_fedbn_server_never_holds_batchnorm_entries(tmp_path, monkeypatch):
 
 def test_a_client_that_raises_is_counted_and_the_round_goes_on(tmp_path):
     cfg = small_config(
-        "federation.rounds=3", "federation.min_clients=2", "faults={fail_clients: [1], rounds: [2]}"
+        "federation.rounds=3",
+        "federation.min_clients=2",
+        "fault_injection={fail_clients: [1], rounds: [2]}",
     )
     federate(cfg, tmp_path)
     rows = read_csv(tmp_path / "metrics.csv")[1:]
@@ -140,7 +137,7 @@ def test_a_client_that_raises_is_counted_and_the_round_goes_on(tmp_path):
 
 
 def test_non_finite_updates_are_rejected_and_the_model_stays_finite(tmp_path):
-    cfg = small_config("federation.rounds=2", "faults={nan_clients: [0, 2]}")
+    cfg = small_config("federation.rounds=2", "fault_injection={nan_clients: [0, 2]}")
     summary = federate(cfg, tmp_path)
     rows = read_csv(tmp_path / "metrics.csv")[1:]
     assert all(int(r["clients_rejected"]) == 2 and int(r["clients_ok"]) == 2 for r in rows)
@@ -153,7 +150,7 @@ def test_too_few_replies_stop_the_run_with_a_clear_error_after_a_checkpoint(tmp_
     cfg = small_config(
         "federation.rounds=3",
         "federation.min_clients=3",
-        "faults={fail_clients: [0, 1], rounds: [2]}",
+        "fault_injection={fail_clients: [0, 1], rounds: [2]}",
     )
     with pytest.raises(TooFewRepliesError, match="round 2: 2 usable client replies") as info:
         federate(cfg, tmp_path)
@@ -185,12 +182,33 @@ def strategy_of(*overrides: str):
     return build_strategy(cfg, new_module(cfg, dataset(cfg.data)).model)
 
 
-@pytest.mark.parametrize("name", list(STRATEGY_CLASSES))
+# what each configurable strategy is built on, written out here rather than read from
+# server/strategy.py: Flower's FedProx, or Flower's FedAvg (with fedws's server optimizer for
+# FedAvgM, FedAdam, FedYogi, FedAdagrad; with the FedBN state policy for fedbn)
+FLOWER_BASE = {
+    "fedavg": fl.FedAvg,
+    "fedprox": fl.FedProx,
+    "fedavgm": fl.FedAvg,
+    "fedadam": fl.FedAvg,
+    "fedyogi": fl.FedAvg,
+    "fedadagrad": fl.FedAvg,
+    "fedbn": fl.FedAvg,
+}
+WITH_SERVER_OPTIMIZER = {"fedavgm", "fedadam", "fedyogi", "fedadagrad"}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)  # every name a config accepts
 def test_every_strategy_is_flowers_own_class_and_runs(name, tmp_path):
     cfg = small_config(f"federation.strategy={name}", "federation.rounds=1")
     strategy = strategy_of(f"federation.strategy={name}")
-    assert isinstance(strategy, STRATEGY_CLASSES[name])
-    assert (strategy.server_optimizer is not None) == (name in SERVER_OPTIMIZERS)
+    mro = type(strategy).__mro__
+    flower = next(c for c in mro if c.__module__.startswith("flwr."))  # its nearest Flower class
+    assert flower is FLOWER_BASE[name] and flower is getattr(fl, flower.__name__)
+    # below it only Flower's own classes: fedws adds its recording layer on top, nothing between
+    below = mro[mro.index(flower) :]
+    assert all(c.__module__.startswith(("flwr.", "abc")) or c is object for c in below), below
+    assert fl.Strategy in below
+    assert (strategy.server_optimizer is not None) == (name in WITH_SERVER_OPTIMIZER)
     summary = federate(cfg, tmp_path)
     assert summary["status"] == "completed" and math.isfinite(summary["final"]["test_loss"])
 
@@ -210,10 +228,14 @@ def test_strategy_hyper_parameters_come_from_config():
 
 
 def test_tensorboard_logger_when_asked(tmp_path):
-    cfg = small_config("federation.rounds=1", "server.tensorboard=true")
+    cfg = small_config("federation.rounds=1", "logging.loggers=[csv, tensorboard]")
     federate(cfg, tmp_path)
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "metrics.csv").is_file()  # the CSV logger stays on
+    metrics = read_csv(tmp_path / "metrics.csv")  # the CSV logger stays on
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    for column in ("test_accuracy", "test_loss"):  # each round's number, read back
+        assert [step for step, _ in scalars[column]] == [0, 1]
+        want = [float(r[column]) for r in metrics]
+        assert [value for _, value in scalars[column]] == pytest.approx(want, rel=1e-6)
 
 
 class Interrupted(Exception):
@@ -307,6 +329,12 @@ def test_diagnostics_of_a_bn_model_under_label_skew(tmp_path):
         assert 0 < rows[(r, "drift_mean", "all")] <= rows[(r, "drift_max", "all")]
         assert -1 <= rows[(r, "update_cosine", "all")] < 1
         assert rows[(r, "bn_divergence", "all")] > 0
+    # the same run without the skew: the skew is what the diagnostics must see. Its clients'
+    # updates agree less, their BN statistics diverge more, they spread further apart
+    iid = diagnostics_of_run(tmp_path / "iid", "model.norm=bn", "data.partition.num_clients=3")
+    assert rows[(1, "update_cosine", "all")] < iid[(1, "update_cosine", "all")] - 0.2
+    assert rows[(1, "bn_divergence", "all")] > 5 * iid[(1, "bn_divergence", "all")]
+    assert rows[(1, "drift_spread", "all")] > 2 * iid[(1, "drift_spread", "all")]
     assert set(summary["diagnostics"]) == trained | {"bn_test_gap"}
     gap = [rows[(r, "bn_test_gap", "all")] for r in (0, 1, 2)]
     assert summary["diagnostics"]["bn_test_gap"]["final"] == pytest.approx(gap[-1], rel=1e-5)
@@ -361,3 +389,7 @@ def test_fedws_diagnose_writes_markdown_and_figures(tmp_path):
         assert (tmp_path / "figures" / figure).stat().st_size > 1000
     assert "| bn_divergence |" in text and "| test_accuracy_raw |" in text
     assert main(["diagnose", str(tmp_path / "nothing")]) == 2
+    elsewhere = tmp_path / "report"
+    assert main(["diagnose", str(tmp_path), "-o", str(elsewhere)]) == 0
+    assert (elsewhere / "diagnostics.md").read_text() == text
+    assert (elsewhere / "figures" / "diag_bn_statistics.png").stat().st_size > 1000

@@ -4,12 +4,15 @@ through MLflow's own API, TensorBoard scalars, and one-line errors for missing p
 from __future__ import annotations
 
 import importlib.util
+import math
+from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import InProcessGrid, set_task_identity, small_config
+from helpers import InProcessGrid, set_task_identity, small_config, tensorboard_scalars
 
 from app.config import ConfigError
+from app.rundir import read_csv
 from app.tools.cli import main
 from clients.client_app import app as client_app
 from server import tracking
@@ -53,17 +56,36 @@ def test_a_run_is_found_through_mlflows_api_with_params_and_round_metrics(tmp_pa
     assert list((tmp_path / "runs" / "mlartifacts").rglob("summary.json"))  # not in the cwd
 
 
-def test_tensorboard_gets_the_same_scalars(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def csv_series(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """What a tracker should get from a run: every number of metrics.csv, and each diagnostics
+    quantity's ``all`` row of diagnostics.csv, as tag -> [(round, value), ...]."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in read_csv(out / "metrics.csv"):
+        for column, value in r.items():
+            if column != "round" and value and math.isfinite(float(value)):
+                series.setdefault(column, []).append((int(r["round"]), float(value)))
+    for r in read_csv(out / "diagnostics.csv"):
+        if r["layer"] == "all":
+            tag = f"diagnostics/{r['quantity']}"
+            series.setdefault(tag, []).append((int(r["round"]), float(r["value"])))
+    return series
 
+
+def test_tensorboard_gets_the_same_scalars(tmp_path):
     cfg = small_config("federation.rounds=1", "logging.loggers=[csv, tensorboard]")
     run_federation(InProcessGrid(client_app, 4), cfg, tmp_path)
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert {"test_accuracy", "train_loss", "diagnostics/update_cosine"} <= set(tags)
-    assert [e.step for e in acc.Scalars("test_accuracy")] == [0, 1]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert {"test_accuracy", "train_loss", "diagnostics/update_cosine"} <= set(scalars)
+    assert [step for step, _ in scalars["test_accuracy"]] == [0, 1]
+    # the numbers read back are the CSV files' numbers, each at its round
+    want = csv_series(tmp_path)
+    assert {"test_accuracy", "train_loss", "diagnostics/update_cosine"} <= set(want)
+    assert set(want) <= set(scalars)
+    for tag, series in want.items():
+        assert [step for step, _ in scalars[tag]] == [step for step, _ in series], tag
+        got = [value for _, value in scalars[tag]]
+        assert got == pytest.approx([value for _, value in series], rel=1e-6), tag
     # and the config as hparams (TensorBoard's HParams plugin data)
     assert b"_hparams_/session_start_info" in events.read_bytes()
     assert b"data.partition.kind" in events.read_bytes()
@@ -115,30 +137,21 @@ def test_a_run_from_a_scratch_folder_leaves_nothing_in_it_and_keeps_chatter_off_
     assert "Creating initial MLflow database tables" in log  # kept, in the run's log
     assert log.count("seed: 0") == 0 and "'fedws-config': <config.yaml>" in log
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events))
-    acc.Reload()
-    hp = acc.Scalars("hp_metric")  # the final test accuracy replaces the -1 placeholder
-    assert hp[-1].value == pytest.approx(summary["final"]["test_accuracy"]) and hp[-1].step > 0
+    # the final test accuracy replaces the -1 placeholder
+    step, value = tensorboard_scalars(out / "tensorboard")["hp_metric"][-1]
+    assert value == pytest.approx(summary["final"]["test_accuracy"]) and step > 0
 
 
 def test_metrics_csv_has_the_documented_columns_in_order_at_float32_precision(tmp_path):
-    import csv
-
     from app import rundir
 
     run_federation(InProcessGrid(client_app, 4), small_config("federation.rounds=1"), tmp_path)
-    with open(tmp_path / "metrics.csv") as f:
-        header, *rows = list(csv.reader(f))
-    assert tuple(header) == rundir.METRIC_COLUMNS  # no step column, not alphabetical
-    test_acc = [r[header.index("test_accuracy")] for r in rows]
-    assert all(len(v) <= 10 for v in test_acc)  # 0.145, not 0.14499999582767487
-    assert [r[0] for r in rows] == ["0", "1"]
-    with open(tmp_path / "clients.csv") as f:
-        clients = list(csv.DictReader(f))
-    assert all(len(r["val_accuracy"]) <= 10 for r in clients)
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert tuple(rows[0]) == rundir.METRIC_COLUMNS  # no step column, not alphabetical
+    assert all(len(r["test_accuracy"]) <= 10 for r in rows)  # 0.145, not 0.14499999582767487
+    assert [r["round"] for r in rows] == ["0", "1"]
+    clients = read_csv(tmp_path / "clients.csv")
+    assert clients and all(len(r["val_accuracy"]) <= 10 for r in clients)
 
 
 def test_csv_values_are_float32_short_and_lossless():

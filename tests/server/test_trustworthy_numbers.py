@@ -3,11 +3,9 @@ the best round, and what it records when a run diverges or a reply fails (in-pro
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,9 @@ from flwr.app import Message, MessageType
 from helpers import InProcessGrid, set_task_identity, small_config
 
 from app.config import ConfigError
+from app.learn.runtime import shard
 from app.learn.server_optim import SERVER_OPTIMIZERS
+from app.rundir import read_csv
 from clients.client_app import app as client_app
 from server.evaluation import GlobalEvaluator
 from server.sampling import EVALUATE, TRAIN, sample_partitions
@@ -26,11 +26,6 @@ from server.strategy import LocalStateLostError
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     set_task_identity(monkeypatch)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 class RecordingGrid(InProcessGrid):
@@ -45,23 +40,30 @@ class RecordingGrid(InProcessGrid):
                 c.node_id = n
         self.sent: list[dict[str, torch.Tensor]] = []  # per round
         self.replies: list[list[tuple[float, dict[str, torch.Tensor]]]] = []
+        self.senders: list[list[int]] = []  # per round: the partition of each of replies
 
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
         replies = super().send_and_receive(messages, timeout)
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             self.sent.append(messages[0].content["arrays"].to_torch_state_dict())
+            ok = [r for r in replies if not r.has_error()]
             self.replies.append(
                 [
                     (
                         r.content["metrics"]["num-examples"],
                         r.content["arrays"].to_torch_state_dict(),
                     )
-                    for r in replies
-                    if not r.has_error()
+                    for r in ok
                 ]
             )
+            self.senders.append([self.partition_of(r) for r in ok])
         return replies
+
+    def partition_of(self, reply: Message) -> int:
+        """The partition of the node that sent ``reply`` (node i holds partition i)."""
+        context = self.contexts[reply.metadata.src_node_id]
+        return int(context.node_config["partition-id"])
 
 
 def weighted_mean(replies, key: str) -> torch.Tensor:
@@ -92,17 +94,44 @@ def test_server_optimizers_average_bn_statistics_and_never_step_them(strategy, t
 
 
 def test_fedavg_and_fedadam_agree_on_bn_statistics_after_one_round(tmp_path):
-    states = {}
+    """Both land on the clients' BN running statistics averaged with the clients' training set
+    sizes as weights, recomputed here: the sizes from the clients' shards (a count the clients
+    misreport would not go unseen), unequal (Dirichlet label skew) so that the weights count."""
+    skew = ("data.partition.kind=dirichlet", "data.partition.alpha=0.5")
+    states, hand, plain = {}, {}, {}
     for strategy in ("fedavg", "fedadam"):
         cfg = small_config(
-            "model.norm=bn", f"federation.strategy={strategy}", "federation.rounds=1"
+            "model.norm=bn", f"federation.strategy={strategy}", "federation.rounds=1", *skew
         )
-        run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / strategy)
+        grid = RecordingGrid(client_app, 4)
+        run_federation(grid, cfg, tmp_path / strategy)
         ckpt = torch.load(tmp_path / strategy / "checkpoints" / "last.ckpt", weights_only=True)
-        states[strategy] = ckpt["state_dict"]
-    stats = [k for k in states["fedavg"] if k.endswith(("running_mean", "running_var"))]
-    for key in stats:  # the clients trained identically in round 1: the same mean
-        torch.testing.assert_close(states["fedadam"][key], states["fedavg"][key])
+        sizes = [shard(cfg.data, c).num_train for c in grid.senders[0]]
+        assert sorted(grid.senders[0]) == [0, 1, 2, 3] and len(set(sizes)) > 1
+        assert [n for n, _ in grid.replies[0]] == sizes  # the num-examples they reported
+        clients = [state for _, state in grid.replies[0]]
+        stats = [k for k in clients[0] if k.endswith(("running_mean", "running_var"))]
+        states[strategy] = {k: ckpt["state_dict"][f"model.{k}"].double() for k in stats}
+        hand[strategy] = {k: mean_by_size([c[k] for c in clients], sizes) for k in stats}
+        plain[strategy] = {k: mean_by_size([c[k] for c in clients], [1] * 4) for k in stats}
+    assert hand["fedavg"]
+    for key, want in hand["fedavg"].items():
+        # the clients trained identically in round 1 of both runs
+        torch.testing.assert_close(hand["fedadam"][key], want, rtol=0, atol=0)
+        for strategy, state in states.items():
+            torch.testing.assert_close(
+                state[key], want, rtol=1e-6, atol=1e-7, msg=f"{strategy} {key}"
+            )
+    # the weights matter here: the plain mean of the clients' statistics is another number
+    assert any(
+        not torch.allclose(plain["fedavg"][k], want, rtol=1e-4)
+        for k, want in hand["fedavg"].items()
+    )
+
+
+def mean_by_size(tensors: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """The mean of ``tensors`` weighted by ``sizes``, in float64."""
+    return sum(t.double() * n for t, n in zip(tensors, sizes, strict=True)) / sum(sizes)
 
 
 def test_partitions_are_drawn_from_seed_and_round_alone():

@@ -93,14 +93,34 @@ def domain_config(*extra: str):
     )
 
 
+CHI2_45_P99 = 69.96  # the 99th percentile of chi-square with (6 - 1) x (10 - 1) = 45 dof
+
+
+def homogeneity_chi2(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Pearson's chi-square of the clients x classes table against every client holding each
+    class in proportion to its size (IID labels): about its 45 degrees of freedom when IID."""
+    counts = np.stack([np.bincount(labels[idx], minlength=10) for idx in parts])
+    expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
 def test_clients_get_round_robin_domains_in_their_style_with_iid_labels():
     cfg = domain_config()
     ds = load_dataset(cfg.data)
     doms = domains_of(cfg.data, ds)
     assert doms.names == ("identity", "invert", "noise")
     assert [doms.of_client(i) for i in range(6)] == [0, 1, 2, 0, 1, 2]
-    parts = partition_indices(ds.y_train.numpy(), cfg.data.partition, doms)
+    labels = ds.y_train.numpy()
+    parts = partition_indices(labels, cfg.data.partition, doms)
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(ds.y_train)))  # disjoint
+    # IID labels: equal shares, every class in every client, each in proportion to its share
+    counts = np.stack([np.bincount(labels[idx], minlength=10) for idx in parts])
+    assert counts.sum(1).tolist() == [len(labels) // 6] * 6 and (counts > 0).all()
+    assert homogeneity_chi2(labels, parts) < CHI2_45_P99
+    # while alpha's Dirichlet label skew inside the domains is far from IID by the same measure
+    skewed = domain_config("data.partition.alpha=0.1")
+    skewed_parts = partition_indices(labels, skewed.data.partition, domains_of(skewed.data, ds))
+    assert homogeneity_chi2(labels, skewed_parts) > 3 * CHI2_45_P99
     for client in (0, 1):  # client 1's images are client 1's share, inverted
         shard = make_shard(ds, parts[client], client, cfg.data, doms)
         raw = ds.x_train[torch.from_numpy(np.sort(parts[client]))]

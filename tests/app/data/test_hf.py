@@ -3,15 +3,21 @@ parquet files, and natural partitions by a writer column."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import datasets
 import numpy as np
 import pytest
-from helpers import small_config
+import yaml
+from helpers import SMALL, small_config
 from PIL import Image
 
-from app.data.datasets import load_dataset
+from app.config import apply_overrides, load_config
+from app.data.datasets import load_dataset, resolve_clients
 from app.data.partitions import partition_indices
-from app.errors import DataError
+from app.errors import ConfigError, DataError, DatasetNotFoundError
+from app.rundir import read_csv
+from app.tools.cli import main
 from app.tools.partitions import partition_view
 
 WRITERS = ("ann", "bob", "cy")
@@ -86,7 +92,9 @@ def test_a_natural_partition_gives_one_client_per_writer(copies):
 
 
 def test_natural_partitions_say_what_is_wrong(copies):
-    wrong_count = hf_config(copies / "saved", "data.partition={kind: natural, by: writer}")
+    wrong_count = hf_config(
+        copies / "saved", "data.partition={kind: natural, by: writer, num_clients: 2}"
+    )
     with pytest.raises(DataError, match="3 distinct values, one client each: set num_clients: 3"):
         ds = load_dataset(wrong_count.data)
         partition_indices(ds.y_train.numpy(), wrong_count.data.partition, None, ds.natural_ids)
@@ -111,3 +119,81 @@ def test_every_other_partition_kind_works_on_hf_data(copies):
     ds = load_dataset(cfg.data)
     parts = partition_indices(ds.y_train.numpy(), cfg.data.partition)
     assert sorted(np.concatenate(parts).tolist()) == list(range(15))
+
+
+def test_a_natural_partition_counts_its_clients_when_num_clients_is_left_out(copies):
+    cfg = hf_config(copies / "parquet", "data.partition={kind: natural, by: writer}")
+    assert cfg.data.partition.num_clients is None  # counted when the run's config is resolved
+    resolved = resolve_clients(cfg)
+    assert resolved.data.partition.num_clients == 3  # ann, bob, cy
+    assert resolve_clients(resolved) == resolved
+    ds = load_dataset(resolved.data)
+    parts = partition_indices(ds.y_train.numpy(), resolved.data.partition, None, ds.natural_ids)
+    assert [len(p) for p in parts] == [3, 5, 7]
+    # the other kinds keep their default
+    assert (
+        hf_config(copies / "parquet", "data.partition={kind: iid}").data.partition.num_clients == 10
+    )
+    too_many = hf_config(
+        copies / "parquet",
+        "data.partition={kind: natural, by: writer}",
+        "federation.min_clients=4",
+    )
+    with pytest.raises(
+        ConfigError, match=r"min_clients: must be <= data\.partition\.num_clients \(3\)"
+    ):
+        resolve_clients(too_many)
+    with pytest.raises(DataError, match=r"use data\.dataset: hf"):
+        resolve_clients(small_config("data.partition={kind: natural, by: writer}"))
+
+
+def test_fedws_partitions_maps_each_natural_client_to_its_value(copies, tmp_path, capsys):
+    config = tmp_path / "natural.yaml"
+    raw = apply_overrides(
+        SMALL,
+        [
+            "data.dataset=hf",
+            f"data.hf.path={copies / 'saved'}",
+            "data.partition={kind: natural, by: writer}",
+        ],
+    )
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert main(["partitions", str(config), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "partition: natural, 3 clients" in stdout
+    rows = read_csv(out / "clients_by_value.csv")
+    assert rows == [{"client": str(i), "value": w} for i, w in enumerate(WRITERS)]
+    # each client holds exactly its value's images: writer w wrote 3 + 2w training images
+    counts = [0, 0, 0]
+    for r in read_csv(out / "partitions.csv"):
+        counts[int(r["client"])] += int(r["count"])
+    assert counts == [3, 5, 7]
+    view = partition_view(resolve_clients(load_config(config)).data)
+    for client, idx in enumerate(view.parts):
+        assert set(view.dataset.natural_ids[idx].tolist()) == {rows[client]["value"]}
+    assert view.title == "hf: natural by writer: ann, bob, cy"
+    many = np.array([f"w{i:02d}" for i in range(40)])
+    shown = dataclasses.replace(view, dataset=dataclasses.replace(view.dataset, natural_ids=many))
+    assert shown.title == "hf: natural by writer: w00, w01, w02, ... (40 in all)"
+
+
+def test_a_saved_dataset_that_is_not_a_dataset_dict_is_told_what_to_save(tmp_path, monkeypatch):
+    tiny_dataset()["train"].save_to_disk(str(tmp_path / "one"))
+    cfg = hf_config(tmp_path / "one", "data.hf.test_split=validation")
+    with pytest.raises(DataError) as err:
+        load_dataset(cfg.data)
+    message = str(err.value)
+    assert "holds one Dataset saved with save_to_disk" in message and "\n" not in message
+    assert "a DatasetDict with splits 'train' and 'validation'" in message
+    assert "DatasetDict({'train': train, 'validation': test}).save_to_disk(FOLDER)" in message
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset(hf_config("someone/femnist").data)
+    message = str(err.value)
+    assert "the Hugging Face Hub cannot be reached" in message
+    assert "save a DatasetDict with splits 'train' and 'test'" in message

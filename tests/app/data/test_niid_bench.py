@@ -14,7 +14,7 @@ from app.data.partitions import partition_indices
 from app.errors import DataError
 
 
-def reference(labels: np.ndarray, partition: str, n_parties: int, beta: float, seed: int):
+def reference(labels: np.ndarray, partition: str, n_parties: int, beta: float, seed: int):  # noqa: C901 - NIID-Bench's code, as written
     """NIID-Bench ``utils.partition_data`` (github.com/Xtra-Computing/NIID-Bench), the label
     and quantity branches as written there, after ``experiments.py`` seeds its generators."""
     np.random.seed(seed)

@@ -43,24 +43,52 @@ def test_the_classifier_is_never_clipped():
     assert {id(p) for p in (*model[0].parameters(), *model[2].parameters())} == clipped
 
 
+def worst_ratio(model: nn.Module, clip: float) -> float:
+    """max over the clipped units of ||G_i|| / (clip * max(||W_i||, 1e-3)), by hand: at most 1
+    when AGC with ``clip`` ran (a unit: an output row or channel; a vector is one unit)."""
+    worst = 0.0
+    for p in agc.clipped_parameters(model):
+        w, g = p.detach().double(), p.grad.double()
+        if p.ndim > 1:
+            w, g = w.flatten(1), g.flatten(1)
+        else:
+            w, g = w[None], g[None]
+        bound = clip * w.norm(dim=1).clamp_min(1e-3)
+        worst = max(worst, (g.norm(dim=1) / bound).max().item())
+    return worst
+
+
 @pytest.mark.parametrize("clip", [None, 0.01])
 def test_a_lightning_fit_clips_every_step_when_asked(clip, monkeypatch):
-    calls = []
+    calls, ratios = [], []
     real = agc.clip_gradients
 
     def spy(params, clip_value, eps=agc.AGC_EPS):
-        params = list(params)
-        calls.append(max(p.grad.abs().max().item() for p in params))
+        calls.append(clip_value)
         real(params, clip_value, eps)
 
+    real_clipping = FedwsClassifier.configure_gradient_clipping
+
+    def gradients_the_optimizer_gets(self, *args, **kwargs):  # the step's last word on them
+        real_clipping(self, *args, **kwargs)
+        ratios.append(worst_ratio(self.model, 0.01))
+
     monkeypatch.setattr(agc, "clip_gradients", spy)
+    monkeypatch.setattr(
+        FedwsClassifier, "configure_gradient_clipping", gradients_the_optimizer_gets
+    )
     over = [f"optim.agc_clip={clip}"] if clip else []
     cfg = small_config("model.norm=nf", "optim.lr=0.5", *over)
     module = FedwsClassifier.from_config(cfg, 1, 10)
     x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
     trainer = make_trainer(cfg, max_epochs=1)
     trainer.fit(module, tensor_loader(x, y, 16, shuffle=True))
-    assert len(calls) == (4 if clip else 0)  # once per optimizer step, only when asked
+    assert calls == ([clip] * 4 if clip else [])  # once per optimizer step, only when asked
+    assert len(ratios) == 4
+    if clip:  # every unit of every step within lambda * max(||W_i||, 1e-3), up to rounding
+        assert max(ratios) <= 1 + 1e-5, ratios
+    else:  # and the bound is no formality: unclipped gradients break it
+        assert max(ratios) > 2, ratios
 
 
 def test_agc_clip_must_be_positive():

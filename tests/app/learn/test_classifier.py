@@ -9,6 +9,7 @@ from helpers import small_config
 from app.data.datasets import load_dataset
 from app.data.partitions import make_shard
 from app.learn.classifier import FedwsClassifier
+from app.learn.runtime import new_module
 from app.learn.trainer import make_trainer, tensor_loader
 from app.nn.models import no_decay_parameters
 
@@ -101,6 +102,30 @@ def test_checkpoint_reloads_the_same_model(shard_and_data, tmp_path):
     module.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(shard.x_val), module(shard.x_val))
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_a_module_carries_its_inputs_and_prepares_them_as_the_dataset(standardize):
+    cfg = small_config(f"data.standardize={str(standardize).lower()}")
+    ds = load_dataset(cfg.data)
+    module = new_module(cfg, ds)
+    hp = module.hparams
+    assert hp.class_names == list(ds.classes) and hp.input_size == [16, 16]
+    if standardize:
+        mean, std = ds.channel_stats()
+        assert hp.input_mean == mean.tolist() and hp.input_std == std.tolist()
+    else:
+        assert hp.input_mean is None and hp.input_std is None
+    # the same inputs, to the bit, as the run's own normalization gives
+    assert torch.equal(module.prepare(ds.x_test), ds.normalize(ds.x_test))
+    # metadata only: the same initial weights as a module built without it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        bare = FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes, image_size=16)
+    for (name, value), other in zip(
+        module.state_dict().items(), bare.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, other), name
 
 
 @pytest.mark.parametrize(

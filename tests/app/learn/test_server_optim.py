@@ -160,3 +160,15 @@ def test_state_survives_a_save_and_restore():
     restored.load_state_dict(saved)
     again = restored.step(after_one, means[1])
     assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_a_fedadam_state_from_torchs_adam_is_refused_on_resume():
+    from app.errors import FedwsError
+
+    net = model()
+    old = torch.optim.Adam(net.parameters(), lr=0.1)  # what fedws 0.1 saved for fedadam
+    restored = ServerOptimizer(model(), fed("fedadam"))
+    with pytest.raises(FedwsError, match="earlier fedws"):
+        restored.load_state_dict(old.state_dict())
+    yogi = ServerOptimizer(model(), fed("fedyogi"))
+    yogi.load_state_dict(Yogi(model().parameters()).state_dict())  # unchanged rules still load

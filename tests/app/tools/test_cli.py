@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import re
 import subprocess
 import sys
@@ -13,9 +12,20 @@ from helpers import REPO, SMALL
 
 from app.nn.models import list_models
 from app.nn.norms import NORMS
+from app.rundir import read_csv
 from app.tools.cli import main
 
-COMMANDS = ("run", "study", "report", "diagnose", "compare", "deploy", "partitions", "models")
+COMMANDS = (
+    "run",
+    "study",
+    "report",
+    "diagnose",
+    "compare",
+    "predict",
+    "deploy",
+    "partitions",
+    "models",
+)
 
 
 def test_help_lists_every_command(capsys):
@@ -48,8 +58,7 @@ def test_partitions_writes_table_csv_and_heatmap(tmp_path, capsys):
     table = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["0"], ["9"])]
     assert len(table) == 2 and all(int(row[4]) <= 2 for row in table)  # classes per client
 
-    with open(out / "partitions.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(out / "partitions.csv")
     assert list(rows[0]) == ["client", "label", "count"]
     assert len(rows) == 10 * 10  # every client x every label, zeros included
     assert sum(int(r["count"]) for r in rows) == 600  # every class has a first owner
@@ -103,7 +112,7 @@ def test_run_dry_run_prints_the_resolved_config_and_partition_and_writes_nothing
     assert main(["run", str(config), "-o", str(out), "--dry-run", "--set", "seed=4"]) == 0
     text = capsys.readouterr().out
     resolved = yaml.safe_load(text.split("# the partition", 1)[0])
-    assert resolved["seed"] == 4 and resolved["data"]["partition"]["seed"] == 4
+    assert resolved["seed"] == 4 and resolved["data"]["partition"]["seed"] is None  # follows
     assert "iid, 4 clients, data seed 4" in text and "mean label entropy" in text
     assert not out.exists()
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 from helpers import InProcessGrid, set_task_identity, small_config
 
+from app.rundir import read_csv
 from app.tools.cli import main
 from clients.client_app import app as client_app
 from server.server_app import run_federation
@@ -28,8 +27,7 @@ def test_compare_two_runs_names_what_differs_and_draws_them(tmp_path, capsys):
     }
     out = tmp_path / "cmp"
     assert main(["compare", str(tmp_path / "bn"), str(tmp_path / "ws"), "-o", str(out)]) == 0
-    with open(out / "compare.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(out / "compare.csv")
     # only the keys whose values differ: the norm and the learning rate
     assert list(rows[0])[6:] == ["model.norm", "optim.lr"]
     assert [(r["run"], r["model.norm"], r["optim.lr"]) for r in rows] == [

@@ -11,6 +11,7 @@ import yaml
 from helpers import FEDWS, REPO, SMALL, InProcessGrid, set_task_identity
 
 from app.config import ConfigError, load_config
+from app.rundir import read_csv
 from app.tools.run import preflight
 from app.tools.study import cell_id, dry_run_text, load_study, run_study
 from app.tools.study_report import accuracy_table, load_results, write_report
@@ -42,11 +43,6 @@ GRID = {
         "data.partition": [{"kind": "iid"}, {"kind": "dirichlet", "alpha": 0.5}],
     },
 }
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def in_process(fail: tuple[str, ...] = (), launched: list[str] | None = None):
@@ -145,7 +141,7 @@ def test_a_cell_finished_with_other_settings_is_stale_and_runs_again(tmp_path):
     run_study(three, out, launch=in_process(launched=launched), echo=said.append)
     assert len(launched) == 4 and "0 already finished, 4 to run (4 stale" in said[0]
     for cell in three.cells:
-        rows = read_rows(out / "runs" / cell.id / "metrics.csv")
+        rows = read_csv(out / "runs" / cell.id / "metrics.csv")
         assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]  # trained anew to round 3
     assert "4 finished, 0 stale" in dry_run_text(three, out)
 
@@ -158,7 +154,7 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
     assert statuses[bad] == "failed"
     assert sum(s == "completed" for s in statuses.values()) == 3
     write_report(out)
-    rows = {r["cell"]: r for r in read_rows(out / "results.csv")}
+    rows = {r["cell"]: r for r in read_csv(out / "results.csv")}
     assert rows[bad]["status"] == "failed" and "injected failure" in rows[bad]["error"]
     assert rows["norm-bn_partition-iid"]["status"] == "completed"
     assert f"`{bad}`: RuntimeError: injected failure" in (out / "report.md").read_text()
@@ -180,7 +176,7 @@ def test_after_a_failed_client_the_next_cells_start_in_a_fresh_runtime(tmp_path,
         starts[-1].append(cell.id)
 
     monkeypatch.setattr(study_module, "run_simulation", fake_run_simulation)
-    grid = {"model.norm": ["bn", "ws_gn"], "faults.fail_clients": [[], [0]]}
+    grid = {"model.norm": ["bn", "ws_gn"], "fault_injection.fail_clients": [[], [0]]}
     study = load_study(write_study(tmp_path, {"grid": grid}))
     out, said = tmp_path / "out", []
     folder = study_module.StudyDir(out)
@@ -221,7 +217,7 @@ def test_a_diverged_cell_is_a_result_shown_as_such_and_not_run_again(tmp_path):
     wild = "server_learning_rate-1e30"
     assert statuses == {"server_learning_rate-1.0": "completed", wild: "diverged"}
     write_report(out)
-    rows = {r["cell"]: r for r in read_rows(out / "results.csv")}
+    rows = {r["cell"]: r for r in read_csv(out / "results.csv")}
     assert rows[wild]["status"] == "diverged" and "diverged at round 1" in rows[wild]["error"]
     assert rows[wild]["final_test_accuracy"] == ""
     report = (out / "report.md").read_text()
@@ -237,7 +233,7 @@ def test_results_name_the_validation_selected_round_and_never_mix_client_metrics
     run_study(study, out, launch=in_process(), echo=lambda m: None)
     run = out / "runs" / "norm-ws_gn"
     summary = json.loads((run / "summary.json").read_text())
-    clients = read_rows(run / "clients.csv")
+    clients = read_csv(run / "clients.csv")
     for r in clients:  # client 1's evaluation reply "failed": no global score for it
         if r["client"] == "1":
             r["global_val_accuracy"] = ""
@@ -246,7 +242,7 @@ def test_results_name_the_validation_selected_round_and_never_mix_client_metrics
         writer.writeheader()
         writer.writerows(clients)
     write_report(out)
-    (row,) = read_rows(out / "results.csv")
+    (row,) = read_csv(out / "results.csv")
     assert "best_test_accuracy" not in row and "round_to_target" not in row
     assert int(row["best_val_round"]) == summary["best"]["round"]
     assert float(row["test_accuracy_at_best_val"]) == summary["best"]["test_accuracy"]
@@ -321,7 +317,7 @@ def test_two_by_two_study_end_to_end_through_fedws(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = read_rows(out / "results.csv")
+    rows = read_csv(out / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
     assert all(0 <= float(r["final_test_accuracy"]) <= 1 for r in rows)
     assert all(float(r["client_val_mean"]) >= float(r["client_val_worst10"]) for r in rows)
@@ -363,7 +359,7 @@ def test_a_study_in_one_shared_runtime_gives_each_cell_what_fedws_run_gives(tmp_
         )
         assert run.returncode == 0, run.stderr[-2000:]
         for name in ("metrics.csv", "clients.csv", "diagnostics.csv"):
-            shared, single = read_rows(out / "runs" / cell / name), read_rows(alone / name)
+            shared, single = read_csv(out / "runs" / cell / name), read_csv(alone / name)
             keep = [k for k in single[0] if not k.endswith("_s")]  # but for timings
             assert [[r[k] for k in keep] for r in shared] == [[r[k] for k in keep] for r in single]
 

@@ -46,6 +46,15 @@ def test_the_best_mean_is_bold_only_over_three_seeds_and_never_on_a_tie():
     assert not any("**" in c for r in ("a", "b") for c in table_row(accuracy_table(tie), r))
 
 
+def test_a_higher_mean_on_too_few_seeds_or_a_printed_tie_leaves_the_column_unbolded():
+    cells = [cell("a", "iid", s, 0.905) for s in range(2)]  # higher, but only 2 seeds
+    cells += [cell("b", "iid", s, 0.81 + s / 1000) for s in range(3)]
+    assert "**" not in accuracy_table(cells)  # b is not the best shown: not bolded either
+    tie = [cell("a", "iid", s, 0.81001) for s in range(3)]
+    tie += [cell("b", "iid", s, 0.81004) for s in range(3)]  # both print as 0.8100
+    assert "**" not in accuracy_table(tie)
+
+
 def test_paired_differences_with_two_seeds_carry_the_note():
     cells = [cell("bn", "iid", s, 0.7) for s in range(2)]
     cells += [cell("ws", "iid", s, 0.8 + s / 100) for s in range(2)]
@@ -62,13 +71,15 @@ def test_a_domain_table_counts_diverged_seeds_and_never_bolds_them():
     table = domain_table(cells)
     row_a, row_b = table_row(table, "a"), table_row(table, "b")
     assert all("diverged (r2)" in c and "**" not in c for c in row_a)
-    assert row_b[0].startswith("**0.6000")  # a (higher) lost a seed: b is the best complete row
+    assert not any("**" in c for c in row_b)  # a shows more and lost a seed: nobody is bold
 
 
 def test_fedbns_server_model_is_left_out_of_the_global_tables():
     fedbn = ("model.norm=bn", "federation.strategy=fedbn")
     cells = [cell("bn, fedavg", "iid", s, 0.7, sets=("model.norm=bn",)) for s in range(3)]
     cells += [cell("bn, fedbn", "iid", s, 0.2, sets=fedbn) for s in range(3)]
+    fixbn = ("model.norm=fixbn", "federation.strategy=fedbn")
+    cells += [cell("fixbn, fedbn", "iid", s, 0.2, sets=fixbn) for s in range(3)]
     kept = global_cells(cells)
     assert {c.row for c in kept} == {"bn, fedavg"}
     assert "fedbn" not in accuracy_table(kept) and "fedbn" not in paired_table(kept)
@@ -76,9 +87,16 @@ def test_fedbns_server_model_is_left_out_of_the_global_tables():
 
 def test_the_report_says_what_the_intervals_cover():
     drawn = [cell("a", "iid", s, 0.5) for s in range(3)]
-    assert "seeds 0-2: each seed draws the partition" in interval_coverage(drawn)
+    text = interval_coverage(drawn)
+    assert (
+        "seeds 0-2: each seed draws the partition, the initialisation and the batch order" in text
+    )
+    sampled = [cell("a", "iid", s, 0.5, sets=("federation.fraction_train=0.5",)) for s in (0, 1)]
+    assert "and which clients take part each round" in interval_coverage(sampled)
+    subset = [cell("a", "iid", s, 0.5, sets=("data.test_samples=50",)) for s in (0, 1)]
+    assert "the test subset" in interval_coverage(subset)
     pinned = [cell("a", "iid", s, 0.5, sets=("data.partition.seed=7",)) for s in range(3)]
     text = interval_coverage(pinned)
-    assert "partition pinned to seed 7" in text and "training noise only" in text
+    assert "pinned to seed 7" in text and "training noise only" in text
     mixed = [dataclasses.replace(drawn[0]), pinned[1]]
     assert "see each run's config.yaml" in interval_coverage(mixed)
