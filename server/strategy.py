@@ -200,9 +200,22 @@ class RecordingMixin:
                 )
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Record the round's replies, keep the usable ones, take Flower's weighted mean and
+        step it with the server optimizer, if any; the diagnostics go into the record."""
         server_round += self.round_offset
         record = self.rounds.setdefault(server_round, RoundReplies())
-        ok = self._split(replies, record)
+        ok = self._usable(self._split(replies, record), record)
+        self._record_trained(server_round, ok, record)
+        arrays, metrics = super().aggregate_train(server_round, ok)
+        if arrays is not None:
+            aggregate = self._server_step(arrays)
+            arrays = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
+            if self.groups is not None:
+                record.diagnostics = self._diagnose([_NumpyView(m) for m in ok], aggregate)
+        return arrays, metrics
+
+    def _usable(self, ok: list[Message], record: RoundReplies) -> list[Message]:
+        """The replies whose every array is finite; the others counted as rejected."""
         self._check_local_state(ok)
         usable = [_finite(m) for m in ok]
         record.rejected = usable.count(False)
@@ -211,7 +224,10 @@ class RecordingMixin:
             for m, u in zip(ok, usable, strict=True)
             if not u
         ]
-        ok = [m for m, u in zip(ok, usable, strict=True) if u]
+        return [m for m, u in zip(ok, usable, strict=True) if u]
+
+    def _record_trained(self, server_round: int, ok: list[Message], record: RoundReplies):
+        """Who trained this round; too few usable replies stop the run (one line)."""
         record.ok = len(ok)
         record.train = {_client(m): _metrics(m) for m in ok}
         self.trained |= set(record.train)
@@ -221,18 +237,17 @@ class RecordingMixin:
                 f"round {server_round}: {len(ok)} usable client replies, "
                 f"federation.min_clients is {self.min_replies}{detail}"
             )
-        arrays, metrics = super().aggregate_train(server_round, ok)
-        if arrays is not None:  # the weighted mean, in the model's dtypes
-            aggregate = {k: np.asarray(a.numpy(), dtype=self._dtypes[k]) for k, a in arrays.items()}
-            if self.server_optimizer is not None:
-                previous = {k: torch.from_numpy(a.numpy()) for k, a in self._sent.items()}
-                mean = {k: torch.from_numpy(v) for k, v in aggregate.items()}
-                stepped = self.server_optimizer.step(previous, mean)
-                aggregate = {k: v.numpy().astype(self._dtypes[k]) for k, v in stepped.items()}
-            arrays = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
-            if self.groups is not None:
-                record.diagnostics = self._diagnose([_NumpyView(m) for m in ok], aggregate)
-        return arrays, metrics
+
+    def _server_step(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """Flower's weighted mean in the model's dtypes, stepped by the server optimizer
+        (trainable parameters only) when the strategy has one."""
+        aggregate = {k: np.asarray(a.numpy(), dtype=self._dtypes[k]) for k, a in arrays.items()}
+        if self.server_optimizer is None:
+            return aggregate
+        previous = {k: torch.from_numpy(a.numpy()) for k, a in self._sent.items()}
+        mean = {k: torch.from_numpy(v) for k, v in aggregate.items()}
+        stepped = self.server_optimizer.step(previous, mean)
+        return {k: v.numpy().astype(self._dtypes[k]) for k, v in stepped.items()}
 
     def _diagnose(self, clients: list[Mapping], aggregate: dict[str, np.ndarray]):
         rows = diagnostics.update_rows(_NumpyView(self._sent), clients, self.groups)
