@@ -22,7 +22,7 @@ CONFIG = {
     "data": {
         "dataset": "synthetic",
         "synthetic": {"train_size": 3000, "test_size": 500, "image_size": 16},
-        "partition": {"kind": "dirichlet", "alpha": 1.0, "num_clients": 8},
+        "partition": {"kind": "iid", "num_clients": 8},
     },
     "model": {"arch": "cnn", "norm": "ws_gn", "width": 16},
     "optim": {"name": "adam", "lr": 0.003},
