@@ -257,15 +257,19 @@ def writing(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def replacing(path: Path, mode: str = "w", **open_args: Any) -> Iterator[IO]:
+def replacing(
+    path: Path, mode: str = "w", permissions: int = 0o666, **open_args: Any
+) -> Iterator[IO]:
     """A file object whose content replaces ``path`` whole or not at all: it is written under
     a temporary name in the same folder, flushed to the disk, then renamed over ``path``
     (``os.replace`` is atomic on one file system). On any error the temporary file is removed
     and ``path`` keeps its old content (or stays absent): a full disk or a killed process never
-    leaves a 0-byte or half-written file for a reader to trust."""
+    leaves a 0-byte or half-written file for a reader to trust. The file is created new
+    (``O_EXCL``) with ``permissions`` (less the umask) from its first byte: 0o600 for a
+    private key is never readable by others, not even for a moment."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions)
     try:
         with open(fd, mode, **open_args) as f:
             yield f
@@ -277,9 +281,9 @@ def replacing(path: Path, mode: str = "w", **open_args: Any) -> Iterator[IO]:
         raise
 
 
-def write_whole(path: Path, data: str | bytes | memoryview) -> None:
+def write_whole(path: Path, data: str | bytes | memoryview, permissions: int = 0o666) -> None:
     """Write ``data`` to ``path`` through ``replacing``: the old file or the new one, whole."""
-    with replacing(path, "w" if isinstance(data, str) else "wb") as f:
+    with replacing(path, "w" if isinstance(data, str) else "wb", permissions) as f:
         f.write(data)
 
 

@@ -25,7 +25,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from app import rundir
 from app.errors import ConfigError, FedwsError
 from clients.local_state import STATE_DIR
 
@@ -122,20 +122,11 @@ def make_certs(out: Path, hosts: list[str], num_supernodes: int, days: int = 365
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key that no one but its owner can read at any moment: the file is
-    created with mode 0600 (``O_CREAT | O_EXCL``: a new file, never one opened before) under a
-    temporary name beside ``path``, written, then renamed over ``path``. A key is never on disk
-    with a wider mode (writing first and chmod-ing after would leave it world-readable for a
-    moment) and never half written."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a private key that no one but its owner can read at any moment: created new with
+    mode 0600 under a temporary name, written, then renamed over ``path``
+    (``rundir.write_whole``): never on disk with a wider mode (chmod after writing would leave
+    it readable for a moment), never half written."""
+    rundir.write_whole(path, data, permissions=PRIVATE_MODE)
 
 
 def interpreter_bin() -> str:
