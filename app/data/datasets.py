@@ -45,6 +45,11 @@ FASHION_MNIST_CLASSES = (
 )
 
 
+def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (N, C, H, W) standardized per channel: the model's inputs."""
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
 @dataclass(frozen=True)
 class ImageDataset:
     """A classification dataset held in memory as uint8 images and int64 labels."""
@@ -99,10 +104,7 @@ class ImageDataset:
         x = x.float() / 255.0
         if style is not None:
             x = style(x)
-        if not self.standardize:
-            return x
-        mean, std = self.channel_stats()
-        return (x - mean[:, None, None]) / std[:, None, None]
+        return standardized(x, *self.channel_stats()) if self.standardize else x
 
     def subsample(self, train: int | None, test: int | None, seed: int) -> ImageDataset:
         """A seeded random subset of each split (None keeps the split whole)."""

@@ -9,6 +9,7 @@ needs besides the weights (class names, input size, the input normalization: ``p
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from app.config import Config
 from app.data.augment import random_crop_flip
+from app.data.datasets import standardized
 from app.learn import agc
 from app.nn.models import build_model, no_decay_parameters
 
@@ -109,9 +111,8 @@ class FedwsClassifier(L.LightningModule):
         mean, std = self.hparams.get("input_mean"), self.hparams.get("input_std")
         if mean is None or std is None:
             return x
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)
-        std_t = torch.tensor(std, dtype=torch.float32, device=x.device)
-        return (x - mean_t[:, None, None]) / std_t[:, None, None]
+        as_tensor = partial(torch.tensor, dtype=torch.float32, device=x.device)
+        return standardized(x, as_tensor(mean), as_tensor(std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
