@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -696,18 +697,30 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         raise
 
 
-def without_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a raw config without the settings its strategy or partition kind does not use
-    (fedws before 0.2 wrote them all, with their defaults, into every ``config.yaml``)."""
+def with_current_names(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of a raw config with the names fedws before 0.2 used replaced by today's, and a
+    line per replacement (``faults`` is ``fault_injection``; ``server.tensorboard: true`` is
+    ``tensorboard`` in ``logging.loggers``), so a config or run folder written then still reads."""
     raw = copy.deepcopy(raw)
-    if "faults" in raw:  # its name before 0.2
+    notes = []
+    if "faults" in raw and "fault_injection" not in raw:
         raw["fault_injection"] = raw.pop("faults")
+        notes.append("faults: read as fault_injection (its name before fedws 0.2)")
     server = raw.get("server")
-    # server.tensorboard: true before 0.2; logging.loggers took it over
-    if isinstance(server, dict) and server.pop("tensorboard", False):
-        logging = raw.setdefault("logging", {})
-        loggers = list(logging.get("loggers") or ["csv"])
-        logging["loggers"] = loggers + ["tensorboard"] * ("tensorboard" not in loggers)
+    if isinstance(server, dict) and "tensorboard" in server:
+        if server.pop("tensorboard"):
+            logging = raw.setdefault("logging", {})
+            loggers = list(logging.get("loggers") or ["csv"])
+            logging["loggers"] = loggers + ["tensorboard"] * ("tensorboard" not in loggers)
+        notes.append("server.tensorboard: read as 'tensorboard' in logging.loggers (before 0.2)")
+    return raw, notes
+
+
+def without_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config under today's names and without the settings its strategy or
+    partition kind does not use (fedws before 0.2 wrote them all, with their defaults, into
+    every ``config.yaml``)."""
+    raw, _ = with_current_names(raw)
     fed = raw.get("federation")
     if isinstance(fed, dict):
         used = SERVER_OPTIMIZER_SETTINGS.get(fed.get("strategy", "fedavg"), ())
@@ -812,8 +825,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``--set`` overrides and validate it."""
-    return build(apply_overrides(read_yaml(path), overrides or []))
+    """Read a YAML config, apply ``--set`` overrides and validate it. Names from before
+    fedws 0.2 are read as today's, with a line on stderr for each."""
+    raw, notes = with_current_names(read_yaml(path))
+    for note in notes:
+        print(f"fedws: {path}: {note}", file=sys.stderr)
+    return build(apply_overrides(raw, overrides or []))
 
 
 def dump_config(config: Config) -> str:

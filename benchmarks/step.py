@@ -17,9 +17,10 @@ Each is timed at two step counts; a line through them splits its time into a fix
 per-step cost over the plain loop's on the CPU with a model so small (``cnn`` width 4, batch 16)
 that the arithmetic is negligible and the ratio shows the host's overhead. What a client pays
 once per round beyond its steps (``cpu_client_fixed_s``): the config read from the message, the
-model built, its global arrays loaded, the Trainer built and its fit's fixed cost, the reply's
-state copied back, minus the plain loop's own fixed cost. On a GPU (``--device cuda``) the
-quickstart model at batch 32 gives ``gpu_step_ratio``.
+model built, its global arrays loaded, the Trainer built, the fit's own start and end (a
+one-step fit less the plain loop's one step), the reply's state copied back; each part's median
+over the repeats (the lines' intercepts, ``fixed_per_fit_s``, are too noisy for this). On a
+GPU (``--device cuda``) the quickstart model at batch 32 gives ``gpu_step_ratio``.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def line(short: list[float], long: list[float]) -> tuple[float, float]:
     return a - SHORT * per_step, per_step
 
 
-def client_fixed(cfg, text: str, device) -> dict[str, float]:
+def client_fixed(cfg, text: str, device, loader, batches) -> dict[str, float]:
     """What one client pays per round besides its steps, each part timed once per repeat."""
     parts = {}
     start = time.perf_counter()
@@ -134,6 +135,10 @@ def client_fixed(cfg, text: str, device) -> dict[str, float]:
     start = time.perf_counter()
     {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
     parts["arrays_out"] = time.perf_counter() - start
+    # the fit's own start and end: a one-step fit, less the plain loop's one step
+    parts["fit_start_end"] = fit_fedws(cfg, module, loader, 1) - fit_plain(
+        new_module(cfg, ds).to(device), batches, 1, cfg.optim.agc_clip, device
+    )
     return parts
 
 
@@ -165,11 +170,11 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
                 times["plain+loader"][steps].append(t_loader)
                 times["fedws"][steps].append(t_fedws)
         if r:
-            for k, v in client_fixed(cfg, text, device).items():
+            for k, v in client_fixed(cfg, text, device, loader, batches).items():
                 fixed.setdefault(k, []).append(v)
     fits = {k: line(v[SHORT], v[LONG]) for k, v in times.items()}
-    plain_fixed, plain_step = fits["plain"]
-    fedws_fixed, fedws_step = fits["fedws"]
+    plain_step, fedws_step = fits["plain"][1], fits["fedws"][1]
+
     prep = {k: measure.summary(v)["median"] for k, v in fixed.items()}
     return {
         "device": device,
@@ -199,7 +204,7 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
             * (fedws_step - fits["plain+loader"][1]),
         },
         "client_prep_s": prep,
-        "client_fixed_s": sum(prep.values()) + fedws_fixed - plain_fixed,
+        "client_fixed_s": sum(prep.values()),
     }
 
 

@@ -23,6 +23,8 @@ from app.data.datasets import standardized
 from app.learn import agc
 from app.nn.models import build_model, no_decay_parameters
 
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), torch.Tensor})
+
 
 class FedwsClassifier(L.LightningModule):
     """Cross-entropy classifier around any ``build_model`` network.
@@ -66,10 +68,22 @@ class FedwsClassifier(L.LightningModule):
             arch, norm, in_channels, num_classes, image_size=image_size, **(model_options or {})
         )
         self._bn_frozen = False
+        self.automatic_optimization = False  # training_step takes the step itself
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._global_params: list[torch.Tensor] | None = None
         self._loss_sum, self._seen = torch.zeros(()), 0  # this epoch's training loss
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets the running hook's name on the module before and after every hook
+        # (about 50 times a step), and nn.Module.__setattr__ runs its Parameter, Module and
+        # buffer checks each time. An attribute already held as a plain one, given a value of
+        # a plain type (never a Parameter, Module or Buffer, whose types differ), is stored as
+        # nn.Module.__setattr__ would store it, without those checks.
+        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def from_config(
@@ -180,7 +194,22 @@ class FedwsClassifier(L.LightningModule):
         self._seen += len(y)
         if self.hparams.proximal_mu > 0:
             loss = loss + self.proximal_term()
+        # The step Lightning's automatic optimization takes (gradients set to None, backward
+        # through the precision plugin, the optimizer's step with its hooks), written out:
+        # the same operations in the same order, without the closure machinery around them,
+        # which cost about half a millisecond a step (benchmarks/step.py).
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """``agc_clip``: adaptive gradient clipping (``app.learn.agc``) of every parameter but
+        the classifier's, after backward (gradients already unscaled under mixed precision)
+        and before the optimizer step."""
+        if self.hparams.get("agc_clip"):
+            agc.clip_gradients(agc.clipped_parameters(self.model), self.hparams.agc_clip)
 
     def on_train_epoch_end(self) -> None:
         if self._seen:
@@ -211,16 +240,6 @@ class FedwsClassifier(L.LightningModule):
             {"params": [p for n, p in named if n not in exempt]},
             {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
         ]
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        """``agc_clip``: adaptive gradient clipping (``app.learn.agc``) of every parameter but
-        the classifier's, after backward (gradients unscaled under mixed precision) and before
-        the optimizer step; then Lightning's own clipping, if any was asked for."""
-        if self.hparams.get("agc_clip"):
-            agc.clip_gradients(agc.clipped_parameters(self.model), self.hparams.agc_clip)
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -51,7 +51,8 @@ class _StandardizedConv2d(nn.Conv2d):
 
     def _weight_for_forward(self) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
-            self._cache_key = self._cached_weight = None
+            if self._cached_weight is not None:  # a training step: forget an eval-time weight
+                self.clear_weight_cache()
             return self.standardized_weight()
         key = self._param_key()
         if key != self._cache_key or self._cached_weight is None:

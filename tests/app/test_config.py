@@ -221,6 +221,27 @@ def test_a_config_written_by_an_earlier_fedws_with_every_setting_still_reads(tmp
         load_config(path)  # as a user's config, the unused settings are refused
 
 
+def test_a_user_config_under_the_names_before_0_2_reads_with_a_line_per_rename(tmp_path, capsys):
+    old = load_config(QUICKSTART).to_dict()
+    old["faults"] = old.pop("fault_injection")
+    old["faults"]["fail_clients"] = [1]
+    old["faults"]["rounds"] = [2]
+    old["server"]["tensorboard"] = True
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = load_config(path)
+    assert cfg.fault_injection.fail_clients == (1,) and cfg.fault_injection.rounds == (2,)
+    assert cfg.logging.loggers == ("csv", "tensorboard")
+    err = capsys.readouterr().err
+    assert "faults: read as fault_injection" in err and "server.tensorboard" in err
+    old["server"]["tensorboard"] = False
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(path).logging.loggers == ("csv",)
+    path.write_text(yaml.safe_dump({**old, "fault_injection": old["faults"]}))
+    with pytest.raises(ConfigError, match="faults: unknown key"):
+        load_config(path)  # both names: the old one is not read over the new
+
+
 def test_a_string_that_looks_like_a_number_survives_a_save_and_a_reload():
     cfg = load_config(QUICKSTART, ["logging.experiment='1e5'"])
     assert cfg.logging.experiment == "1e5"

@@ -67,16 +67,14 @@ def test_a_lightning_fit_clips_every_step_when_asked(clip, monkeypatch):
         calls.append(clip_value)
         real(params, clip_value, eps)
 
-    real_clipping = FedwsClassifier.configure_gradient_clipping
+    real_hook = FedwsClassifier.on_before_optimizer_step
 
-    def gradients_the_optimizer_gets(self, *args, **kwargs):  # the step's last word on them
-        real_clipping(self, *args, **kwargs)
+    def gradients_the_optimizer_gets(self, optimizer):  # the hook is the step's last word
+        real_hook(self, optimizer)
         ratios.append(worst_ratio(self.model, 0.01))
 
     monkeypatch.setattr(agc, "clip_gradients", spy)
-    monkeypatch.setattr(
-        FedwsClassifier, "configure_gradient_clipping", gradients_the_optimizer_gets
-    )
+    monkeypatch.setattr(FedwsClassifier, "on_before_optimizer_step", gradients_the_optimizer_gets)
     over = [f"optim.agc_clip={clip}"] if clip else []
     cfg = small_config("model.norm=nf", "optim.lr=0.5", *over)
     module = FedwsClassifier.from_config(cfg, 1, 10)

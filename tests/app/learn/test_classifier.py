@@ -57,12 +57,19 @@ def test_lightning_fit_learns_the_synthetic_task(shard_and_data):
 
 
 class PerStepLogging(FedwsClassifier):
-    """The usual Lightning way: ``self.log(..., on_epoch=True)`` in every training step."""
+    """The usual Lightning way: Lightning's automatic optimization, and ``self.log(...,
+    on_epoch=True)`` in every training step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = True
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = torch.nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        if self.hparams.proximal_mu > 0:
+            loss = loss + self.proximal_term()
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -74,18 +81,63 @@ class PerStepLogging(FedwsClassifier):
     [{"max_epochs": 1}, {"max_epochs": 3}, {"max_steps": 7, "max_epochs": -1}],
     ids=["one epoch", "three epochs", "stops mid-epoch"],
 )
-def test_train_loss_is_lightnings_epoch_mean_bit_for_bit(shard_and_data, limits):
-    """train_loss, logged once per epoch, is exactly what per-step on_epoch logging gives
-    (the last epoch's batch-size-weighted mean), also when max_steps stops mid-epoch."""
+def test_train_loss_and_weights_are_lightnings_automatic_step_bit_for_bit(shard_and_data, limits):
+    """fedws's own optimizer step leaves exactly the weights Lightning's automatic
+    optimization leaves, step for step, and train_loss, logged once per epoch, is exactly what
+    per-step on_epoch logging gives (the last epoch's batch-size-weighted mean), also when
+    max_steps stops mid-epoch."""
     cfg, ds, shard = shard_and_data
-    losses = []
+    losses, weights, steps = [], [], []
     for cls in (FedwsClassifier, PerStepLogging):
         torch.manual_seed(0)
         module = cls.from_config(cfg, ds.in_channels, ds.num_classes)
         trainer = quiet_trainer(**limits)
         trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 48, True, seed=3))
         losses.append(trainer.callback_metrics["train_loss"])
+        weights.append(module.model.state_dict())
+        steps.append(trainer.global_step)
     assert losses[0].item() == losses[1].item()
+    assert steps[0] == steps[1] == limits.get("max_steps", steps[1]) > 0
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.norm=bn", "optim.weight_decay=1e-4"],
+        ["model.norm=nf", "optim.agc_clip=0.01", "optim.lr=0.5"],
+        ["optim.name=adam", "optim.lr=0.01", "federation.strategy=fedprox"],
+        [
+            "model.arch=simple_cnn",
+            "model.norm=none",
+            "model.width=null",
+            "train.precision=bf16-mixed",
+            "data.synthetic.image_size=28",
+        ],
+    ],
+    ids=["bn, weight decay", "nf, AGC", "adam, fedprox", "simple_cnn, bf16-mixed"],
+)
+def test_every_setting_steps_as_lightnings_automatic_optimization(overrides):
+    cfg = small_config("data.synthetic.train_size=300", "data.partition.num_clients=1", *overrides)
+    ds = load_dataset(cfg.data)
+    shard = make_shard(ds, np.arange(len(ds.y_train)), 0, cfg.data)
+    weights = []
+    for cls in (FedwsClassifier, PerStepLogging):
+        torch.manual_seed(0)
+        module = cls.from_config(cfg, ds.in_channels, ds.num_classes)
+        module.set_global_weights()
+        trainer = quiet_trainer(max_epochs=2, precision=cfg.train.precision)
+        trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 32, True, seed=3))
+        weights.append(module.model.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    torch.manual_seed(0)
+    start = FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes).model.state_dict()
+    moved = [
+        k for k, v in start.items() if v.is_floating_point() and not torch.equal(v, weights[0][k])
+    ]
+    assert len(moved) >= len(list(module.model.parameters()))  # every weight trained
 
 
 def test_checkpoint_reloads_the_same_model(shard_and_data, tmp_path):
