@@ -82,6 +82,17 @@ class _Tee:
         return getattr(self.console, "encoding", "utf-8")
 
 
+class _NotOnConsole(logging.Filter):
+    """Flower's warnings about a setting fedws chose on purpose: in ``run.log``, not on the
+    console (without a local validation split, ``val_fraction: 0``, fedws sets
+    ``fraction_evaluate`` to 0: the server tests the global model itself)."""
+
+    EXPECTED = ("fraction_evaluate is set to 0.0",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.EXPECTED)
+
+
 def flower_console_level(level: str) -> None:
     """Flower's console output at ``level`` (its own handler), its logger at least INFO."""
     flwr = logging.getLogger("flwr")
@@ -92,6 +103,8 @@ def flower_console_level(level: str) -> None:
             handler, logging.FileHandler
         ):
             handler.setLevel(console_level)
+            if not any(isinstance(f, _NotOnConsole) for f in handler.filters):
+                handler.addFilter(_NotOnConsole())
 
 
 def console_stream() -> TextIO:

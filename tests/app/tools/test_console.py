@@ -96,3 +96,33 @@ def test_the_log_file_gets_no_terminal_colour_codes():
     tee.write("\x1b[92mINFO \x1b[0m:      Starting\n")
     assert log.getvalue() == "INFO :      Starting\n"
     assert "\x1b[92m" in screen.getvalue()  # the console keeps its colours
+
+
+def test_flowers_warning_about_a_setting_fedws_chose_stays_off_the_console(tmp_path):
+    from flwr.common.logger import log as flwr_log
+
+    flwr = logging.getLogger("flwr")
+    handler = next(
+        h
+        for h in flwr.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    )
+    screen, kept = io.StringIO(), tmp_path / "run.log"
+    stream, level, filters = handler.stream, flwr.level, list(handler.filters)
+    file_handler = logging.FileHandler(kept)  # as the server's run.log handler
+    flwr.addHandler(file_handler)
+    handler.setStream(screen)
+    try:
+        console.flower_console_level("warning")
+        console.flower_console_level("warning")  # twice: still one filter
+        flwr_log(logging.WARNING, "fraction_evaluate is set to 0.0. Federated evaluation ...")
+        flwr_log(logging.WARNING, "another warning")
+    finally:
+        handler.setStream(stream)
+        handler.filters[:] = filters
+        flwr.removeHandler(file_handler)
+        file_handler.close()
+        flwr.setLevel(level)
+    assert "another warning" in screen.getvalue()
+    assert "fraction_evaluate" not in screen.getvalue()
+    assert "fraction_evaluate" in kept.read_text()  # run.log keeps it
