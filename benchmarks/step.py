@@ -9,7 +9,9 @@ within every repeat:
 - ``plain``: the floor, a ``for x, y in batches`` loop over batches gathered beforehand;
 - ``plain+loader``: the same loop over fedws's ``tensor_loader`` (batch preparation);
 - ``fedws``: ``Trainer.fit`` of the ``FedwsClassifier`` with fedws's Trainer settings (the
-  Lightning loop, its hooks, the module's per-step work);
+  Lightning loop, its hooks, the module's per-step work, its own optimizer step);
+- ``fedws automatic``: the same module with Lightning's automatic optimization taking the step
+  (fedws before 0.2): ``step_ratio_automatic``;
 - with ``--agc``, adaptive gradient clipping on both sides.
 
 Each is timed at two step counts; a line through them splits its time into a fixed cost per fit
@@ -41,6 +43,7 @@ import measure
 
 from app.config import build, dump_config
 from app.learn import agc
+from app.learn.classifier import FedwsClassifier
 from app.learn.runtime import config_from_text, dataset, new_module, shard
 from app.learn.state import load_partial, select, state_policy
 from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
@@ -68,6 +71,24 @@ def settings(device: str, agc_clip: float | None) -> dict:
         "train": {"batch_size": 16 if tiny else 32},
     }
     return raw
+
+
+class AutomaticStep(FedwsClassifier):
+    """fedws's module with Lightning's automatic optimization (its closure, the precision
+    plugin's wrapping, the clipping hook) taking the step: how fedws stepped before 0.2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx):
+        return self.training_loss(batch)
+
+
+def automatic(module: FedwsClassifier) -> AutomaticStep:
+    twin = AutomaticStep(**module.hparams)
+    twin.load_state_dict(module.state_dict())
+    return twin
 
 
 def fit_fedws(cfg, module, loader, steps: int) -> float:
@@ -152,7 +173,7 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
     loader = tensor_loader(x, y, cfg.train.batch_size, shuffle=True, seed=1)
     batches = [(bx, by) for bx, by in loader]
     times: dict[str, dict[int, list[float]]] = {
-        k: {SHORT: [], LONG: []} for k in ("plain", "plain+loader", "fedws")
+        k: {SHORT: [], LONG: []} for k in ("plain", "plain+loader", "fedws automatic", "fedws")
     }
     fixed: dict[str, list[float]] = {}
     clip = cfg.optim.agc_clip
@@ -164,10 +185,12 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
             module = new_module(cfg, dataset(cfg.data)).to(device)
             t_loader = fit_plain(module, loader, steps, clip, device)
             module = new_module(cfg, dataset(cfg.data))
+            t_auto = fit_fedws(cfg, automatic(module), loader, steps)
             t_fedws = fit_fedws(cfg, module, loader, steps)
             if r:
                 times["plain"][steps].append(t_plain)
                 times["plain+loader"][steps].append(t_loader)
+                times["fedws automatic"][steps].append(t_auto)
                 times["fedws"][steps].append(t_fedws)
         if r:
             for k, v in client_fixed(cfg, text, device, loader, batches).items():
@@ -197,11 +220,14 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
             for k, by_steps in times.items()
         },
         "step_ratio": fedws_step / plain_step,
+        "step_ratio_automatic": fits["fedws automatic"][1] / plain_step,
         "parts_ms_per_step": {
             "batch preparation (tensor_loader over pre-gathered batches)": 1e3
             * (fits["plain+loader"][1] - plain_step),
             "Lightning's loop, hooks and the module's step (beyond plain+loader)": 1e3
             * (fedws_step - fits["plain+loader"][1]),
+            "Lightning's automatic optimization (closure, precision wrapping, clipping hook)": 1e3
+            * (fits["fedws automatic"][1] - fedws_step),
         },
         "client_prep_s": prep,
         "client_fixed_s": sum(prep.values()),
@@ -226,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(got, indent=2), flush=True)
     if "cpu" in results:
         results["cpu_step_ratio"] = results["cpu"]["step_ratio"]
+        results["cpu_step_ratio_automatic"] = results["cpu"]["step_ratio_automatic"]
         results["cpu_client_fixed_s"] = results["cpu"]["client_fixed_s"]
     if "cuda" in results:
         results["gpu_step_ratio"] = results["cuda"]["step_ratio"]

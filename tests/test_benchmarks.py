@@ -171,3 +171,27 @@ def test_the_federation_floor_averages_what_its_workers_trained():
         models.append(floor.model.state_dict())
     for key, value in models[0].items():
         torch.testing.assert_close(value, models[1][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_step_benchmarks_automatic_twin_takes_the_same_steps():
+    """benchmarks/step.py compares like with like: the twin stepped by Lightning's automatic
+    optimization starts from the module's weights and ends where fedws's own step ends."""
+    import step
+
+    from app.config import build
+    from app.learn.runtime import dataset, new_module, shard
+    from app.learn.trainer import make_trainer, tensor_loader
+
+    cfg = build(step.settings("cpu", None))
+    local = shard(cfg.data, 0)
+    module = new_module(cfg, dataset(cfg.data))
+    twin = step.automatic(module)
+    assert type(twin) is step.AutomaticStep and twin.automatic_optimization
+    assert not module.automatic_optimization
+    for m in (module, twin):
+        loader = tensor_loader(local.x_train, local.y_train, 16, shuffle=True, seed=1)
+        make_trainer(cfg, max_steps=12, max_epochs=-1).fit(m, loader)
+    after, twin_after = module.model.state_dict(), twin.model.state_dict()
+    assert all(torch.equal(v, twin_after[k]) for k, v in after.items())
+    start = new_module(cfg, dataset(cfg.data)).model.state_dict()
+    assert not torch.equal(start["classifier.weight"], after["classifier.weight"])

@@ -181,7 +181,9 @@ class FedwsClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._seen = torch.zeros((), device=self.device), 0
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+    def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The loss a training step minimises (cross-entropy, plus FedProx's proximal term),
+        counted into the epoch's mean training loss."""
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         # The epoch's mean loss, weighted by batch size, summed as Lightning's on_epoch logging
@@ -194,6 +196,10 @@ class FedwsClassifier(L.LightningModule):
         self._seen += len(y)
         if self.hparams.proximal_mu > 0:
             loss = loss + self.proximal_term()
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        loss = self.training_loss(batch)
         # The step Lightning's automatic optimization takes (gradients set to None, backward
         # through the precision plugin, the optimizer's step with its hooks), written out:
         # the same operations in the same order, without the closure machinery around them,
