@@ -202,8 +202,8 @@ class FedwsClassifier(L.LightningModule):
         loss = self.training_loss(batch)
         # The step Lightning's automatic optimization takes (gradients set to None, backward
         # through the precision plugin, the optimizer's step with its hooks), written out:
-        # the same operations in the same order, without the closure machinery around them,
-        # which cost about half a millisecond a step (benchmarks/step.py).
+        # the same operations in the same order, without the closure machinery around them
+        # (0.03-0.07 ms a step on a CPU core, benchmarks/step.py's step_ratio_automatic).
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
