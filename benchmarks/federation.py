@@ -303,7 +303,12 @@ def run_peer(cfg: Config, workers: int) -> dict:
     from app.learn.classifier import FedwsClassifier
 
     class PeerClassifier(FedwsClassifier):
-        """The example's LightningModule logs its training loss at every step."""
+        """The example's LightningModule: Lightning's automatic optimization, the training
+        loss logged at every step."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = True
 
         def training_step(self, batch, batch_idx):
             x, y = batch

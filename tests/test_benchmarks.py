@@ -97,6 +97,7 @@ def test_settings_cover_clients_per_gpu_and_precision():
         assert resnet.config["data"]["augment"] is True
 
 
+@pytest.mark.slow  # starts the fit-only benchmark's worker processes
 def test_fit_only_federation_is_fedavg_of_the_clients_fits():
     """Its K worker processes train each client as a fedws client does (shard, seed, Trainer)
     and the server averages them: the same global model as an in-process FedAvg."""

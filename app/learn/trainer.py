@@ -4,6 +4,8 @@ tensor batches fed without worker processes or per-sample collation."""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
 import warnings
 from typing import Any
@@ -58,9 +60,34 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+@functools.cache
+def _entry_points_of(group: str) -> tuple[importlib.metadata.EntryPoint, ...]:
+    return tuple(importlib.metadata.entry_points(group=group))
+
+
+def _entry_points(*, group: str) -> tuple[importlib.metadata.EntryPoint, ...]:
+    """``importlib.metadata.entry_points(group=...)``, read once per process."""
+    return _entry_points_of(group)
+
+
+def remember_callback_factories() -> None:
+    """Every ``Trainer(...)`` asks ``importlib.metadata`` for the installed packages' callback
+    factories (entry point group ``lightning.pytorch.callbacks_factory``), which reads the
+    metadata of every installed distribution: about 10 ms, paid three or four times per client
+    and round (fit, validations, evaluation), more than the rest of a Trainer's set-up. The
+    lookup's answer is kept for the process; each factory is still called by Lightning for each
+    Trainer, so every Trainer gets callbacks of its own, as before. Left alone if Lightning no
+    longer looks them up this way."""
+    from lightning.fabric.utilities import registry
+
+    if registry.entry_points is importlib.metadata.entry_points:
+        registry.entry_points = _entry_points
+
+
 def make_trainer(cfg: Config, **kwargs: Any) -> L.Trainer:
     """A Trainer for one local fit or one evaluation: no logger, checkpointing, progress bar or
     model summary; accelerator auto on one device; precision from config."""
+    remember_callback_factories()
     options: dict[str, Any] = {
         "accelerator": "auto",
         "devices": 1,

@@ -268,3 +268,42 @@ def test_tensor_loader_batches_cover_the_data_once_and_shuffle_by_seed():
     assert sorted(order(1).tolist()) == list(range(10))
     xb, yb = next(iter(tensor_loader(x, y, 4, shuffle=True, seed=1)))
     assert torch.equal(xb[:, 0].long(), yb)  # images stay with their labels
+
+
+def test_trainers_read_the_callback_factories_once_and_each_gets_its_own_callbacks(monkeypatch):
+    import importlib.metadata
+
+    from app.learn import trainer as trainer_module
+
+    made = []
+
+    class Factory:  # an installed package's callback factory, as an entry point loads it
+        name = "some-package"
+
+        def load(self):
+            def factory():
+                made.append(L.Callback())
+                return [made[-1]]
+
+            return factory
+
+    reads = []
+
+    def entry_points(*, group):
+        reads.append(group)
+        return [Factory()] if group == "lightning.pytorch.callbacks_factory" else []
+
+    trainer_module.remember_callback_factories()  # as the first make_trainer of a process
+    from lightning.fabric.utilities import registry
+
+    assert registry.entry_points is trainer_module._entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    trainer_module._entry_points_of.cache_clear()
+    try:
+        cfg = small_config()
+        first, second = make_trainer(cfg), make_trainer(cfg)
+    finally:
+        trainer_module._entry_points_of.cache_clear()  # forget the fake installed package
+    assert reads.count("lightning.pytorch.callbacks_factory") == 1  # read once
+    assert len(made) == 2 and made[0] is not made[1]  # but called for each Trainer
+    assert made[0] in first.callbacks and made[1] in second.callbacks
