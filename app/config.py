@@ -709,7 +709,7 @@ def with_current_names(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     server = raw.get("server")
     if isinstance(server, dict) and "tensorboard" in server:
         if server.pop("tensorboard"):
-            logging = raw.setdefault("logging", {})
+            logging = raw["logging"] = dict(raw.get("logging") or {})
             loggers = list(logging.get("loggers") or ["csv"])
             logging["loggers"] = loggers + ["tensorboard"] * ("tensorboard" not in loggers)
         notes.append("server.tensorboard: read as 'tensorboard' in logging.loggers (before 0.2)")
@@ -720,7 +720,10 @@ def without_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:
     """A copy of a raw config under today's names and without the settings its strategy or
     partition kind does not use (fedws before 0.2 wrote them all, with their defaults, into
     every ``config.yaml``)."""
-    raw, _ = with_current_names(raw)
+    return _without_unused(with_current_names(raw)[0])
+
+
+def _without_unused(raw: dict[str, Any]) -> dict[str, Any]:
     fed = raw.get("federation")
     if isinstance(fed, dict):
         used = SERVER_OPTIMIZER_SETTINGS.get(fed.get("strategy", "fedavg"), ())
@@ -824,10 +827,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, saved: bool = False
+) -> Config:
     """Read a YAML config, apply ``--set`` overrides and validate it. Names from before
-    fedws 0.2 are read as today's, with a line on stderr for each."""
+    fedws 0.2 are read as today's, with a line on stderr for each. ``saved``: the file is a
+    run folder's own ``config.yaml`` (a resume), where fedws before 0.2 also wrote the settings
+    the run did not use: those are dropped, not refused."""
     raw, notes = with_current_names(read_yaml(path))
+    if saved:
+        raw = _without_unused(raw)
     for note in notes:
         print(f"fedws: {path}: {note}", file=sys.stderr)
     return build(apply_overrides(raw, overrides or []))

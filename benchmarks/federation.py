@@ -367,6 +367,8 @@ def run_peer(cfg: Config, workers: int) -> dict:
             (metrics,) = trainer.test(module, test_loader, verbose=False)
             acc = metrics["test_acc"]
             times.append(time.perf_counter() - start)
+    if acc <= 0.15:  # chance is 0.1: a peer that trains nothing is no comparison
+        raise RuntimeError(f"the peer pattern did not learn (final accuracy {acc:.4f})")
     return {
         "round_s": times[1:],
         "startup_s": max(0.0, times[0] - statistics.median(times[1:])),

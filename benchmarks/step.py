@@ -11,7 +11,8 @@ within every repeat:
 - ``fedws``: ``Trainer.fit`` of the ``FedwsClassifier`` with fedws's Trainer settings (the
   Lightning loop, its hooks, the module's per-step work, its own optimizer step);
 - ``fedws automatic``: the same module with Lightning's automatic optimization taking the step
-  (fedws before 0.2): ``step_ratio_automatic``;
+  (its closure and the precision plugin's wrapping; the module's other per-step savings stay):
+  ``step_ratio_automatic``;
 - with ``--agc``, adaptive gradient clipping on both sides.
 
 Each is timed at two step counts; a line through them splits its time into a fixed cost per fit
@@ -75,7 +76,8 @@ def settings(device: str, agc_clip: float | None) -> dict:
 
 class AutomaticStep(FedwsClassifier):
     """fedws's module with Lightning's automatic optimization (its closure, the precision
-    plugin's wrapping, the clipping hook) taking the step: how fedws stepped before 0.2."""
+    plugin's wrapping, the clipping hook) taking the step, as fedws did before 0.2; the rest
+    of the module is today's."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -185,8 +187,13 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
             module = new_module(cfg, dataset(cfg.data)).to(device)
             t_loader = fit_plain(module, loader, steps, clip, device)
             module = new_module(cfg, dataset(cfg.data))
-            t_auto = fit_fedws(cfg, automatic(module), loader, steps)
-            t_fedws = fit_fedws(cfg, module, loader, steps)
+            twin = automatic(module)
+            if r % 2 == 0:  # either goes first in turn
+                t_auto = fit_fedws(cfg, twin, loader, steps)
+                t_fedws = fit_fedws(cfg, module, loader, steps)
+            else:
+                t_fedws = fit_fedws(cfg, module, loader, steps)
+                t_auto = fit_fedws(cfg, twin, loader, steps)
             if r:
                 times["plain"][steps].append(t_plain)
                 times["plain+loader"][steps].append(t_loader)

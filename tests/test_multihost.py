@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -364,7 +365,8 @@ def test_a_deployment_across_hosts_loses_a_node_and_finishes(tmp_path, no_fedws_
     link, nodes = prepare(tmp_path)
     assert san_addresses(link / "certs" / "superlink.crt") == [ipaddress.ip_address(LINK_IP)]
     out = link / "run"
-    with hosts(f"fw{os.getpid() % 10000}") as net:
+    # a name of its own: never one a killed earlier run may have left behind
+    with hosts(f"fw{secrets.token_hex(2)}") as net:
         for ns in (net.link, *net.nodes):  # nothing to send anywhere but TEST-NET-1
             assert net.routes(ns) == [SUBNET], (ns, net.routes(ns))
         dep = Deployment(tmp_path)

@@ -78,9 +78,13 @@ class FedwsClassifier(L.LightningModule):
         # Lightning sets the running hook's name on the module before and after every hook
         # (about 50 times a step), and nn.Module.__setattr__ runs its Parameter, Module and
         # buffer checks each time. An attribute already held as a plain one, given a value of
-        # a plain type (never a Parameter, Module or Buffer, whose types differ), is stored as
-        # nn.Module.__setattr__ would store it, without those checks.
-        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+        # a plain type (never a Parameter or Module, whose types differ, nor a tensor marked as
+        # a buffer), is stored as nn.Module.__setattr__ would store it, without those checks.
+        if (
+            type(value) in _PLAIN_TYPES
+            and name in self.__dict__
+            and not getattr(value, "_is_buffer", False)  # torch.nn.Buffer(t) is a Tensor
+        ):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -204,10 +208,13 @@ class FedwsClassifier(L.LightningModule):
         # through the precision plugin, the optimizer's step with its hooks), written out:
         # the same operations in the same order, without the closure machinery around them
         # (0.03-0.07 ms a step on a CPU core, benchmarks/step.py's step_ratio_automatic).
+        # Outside the precision plugin's autocast, which Lightning enters for training_step
+        # only: backward, AGC and the update run as under automatic optimization.
         optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
+        with torch.autocast(self.device.type, enabled=False):
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

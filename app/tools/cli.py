@@ -91,10 +91,15 @@ def _print_dry_run(cfg: Config, out: Path) -> None:
 
 def _run_config(args: argparse.Namespace) -> Config:
     """``args.config`` with its overrides, validated, a natural partition's client count
-    counted from the data when the config leaves it out."""
+    counted from the data when the config leaves it out. Resuming from the run folder's own
+    ``config.yaml``, it is read as fedws wrote it (``load_config``'s ``saved``)."""
     from app.data.datasets import resolve_clients
 
-    return resolve_clients(load_config(args.config, args.overrides))
+    out = getattr(args, "out", None)
+    saved = bool(getattr(args, "resume", False) and out) and (
+        Path(args.config).resolve() == RunDir(Path(out)).config.resolve()
+    )
+    return resolve_clients(load_config(args.config, args.overrides, saved=saved))
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:

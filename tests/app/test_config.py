@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -219,6 +220,34 @@ def test_a_config_written_by_an_earlier_fedws_with_every_setting_still_reads(tmp
     assert read_config(path) == now
     with pytest.raises(ConfigError):
         load_config(path)  # as a user's config, the unused settings are refused
+
+
+def test_resuming_a_run_folder_written_before_0_2_reads_its_own_config(tmp_path, capsys):
+    import argparse
+
+    from app.tools.cli import _run_config
+
+    old = load_config(QUICKSTART).to_dict()
+    old["federation"].update(proximal_mu=0.01, server_learning_rate=1.0)  # unused, as written
+    old["faults"] = old.pop("fault_injection")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+
+    def args(resume: bool, out: Path | None = tmp_path) -> argparse.Namespace:
+        return argparse.Namespace(
+            config=str(tmp_path / "config.yaml"), overrides=[], out=out and str(out), resume=resume
+        )
+
+    assert _run_config(args(resume=True)) == read_config(tmp_path / "config.yaml")
+    assert "faults: read as fault_injection" in capsys.readouterr().err
+    for refused in (args(resume=False), args(resume=True, out=tmp_path / "elsewhere")):
+        with pytest.raises(ConfigError, match="is not used by strategy fedavg"):
+            _run_config(refused)  # as a user's config: the unused settings are refused
+
+
+def test_server_tensorboard_with_a_null_logging_section_reads(tmp_path):
+    raw = {"server": {"tensorboard": True}, "logging": None}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "c.yaml").logging.loggers == ("csv", "tensorboard")
 
 
 def test_a_user_config_under_the_names_before_0_2_reads_with_a_line_per_rename(tmp_path, capsys):

@@ -119,6 +119,24 @@ def test_train_loss_and_weights_are_lightnings_automatic_step_bit_for_bit(shard_
     ids=["bn, weight decay", "nf, AGC", "adam, fedprox", "simple_cnn, bf16-mixed"],
 )
 def test_every_setting_steps_as_lightnings_automatic_optimization(overrides):
+    _steps_as_automatic_optimization(overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim.name=adamw", "optim.weight_decay=0.01", "optim.decay_norms=false"],
+        ["optim.nesterov=true", "optim.weight_decay=1e-4", "model.norm=gn"],
+        ["model.norm=nf", "optim.agc_clip=0.01", "train.precision=bf16-mixed"],
+        ["model.norm=fixbn", "federation.rounds=4"],
+    ],
+    ids=["adamw, decay groups", "nesterov, gn", "nf, AGC, bf16-mixed", "fixbn, frozen"],
+)
+def test_more_settings_step_as_lightnings_automatic_optimization(overrides):
+    _steps_as_automatic_optimization(overrides, frozen="model.norm=fixbn" in overrides)
+
+
+def _steps_as_automatic_optimization(overrides: list[str], frozen: bool = False) -> None:
     cfg = small_config("data.synthetic.train_size=300", "data.partition.num_clients=1", *overrides)
     ds = load_dataset(cfg.data)
     shard = make_shard(ds, np.arange(len(ds.y_train)), 0, cfg.data)
@@ -127,6 +145,7 @@ def test_every_setting_steps_as_lightnings_automatic_optimization(overrides):
         torch.manual_seed(0)
         module = cls.from_config(cfg, ds.in_channels, ds.num_classes)
         module.set_global_weights()
+        module.bn_statistics_frozen = frozen
         trainer = quiet_trainer(max_epochs=2, precision=cfg.train.precision)
         trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 32, True, seed=3))
         weights.append(module.model.state_dict())
