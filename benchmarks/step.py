@@ -52,8 +52,9 @@ from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
 SHORT, LONG = 40, 160  # steps of the two fits a line is drawn through
 
 
-def settings(device: str, agc_clip: float | None) -> dict:
-    """CPU: a tiny model (the host's cost shows); GPU: the quickstart model at batch 32."""
+def settings(device: str, agc_clip: float | None, image_size: int | None = None) -> dict:
+    """CPU: a tiny model (the host's cost shows); GPU: the quickstart model at batch 32.
+    ``image_size``: the synthetic images' side instead (smaller: less arithmetic a step)."""
     tiny = device == "cpu"
     raw = {
         "seed": 0,
@@ -62,7 +63,7 @@ def settings(device: str, agc_clip: float | None) -> dict:
             "synthetic": {
                 "train_size": 4000,
                 "test_size": 100,
-                "image_size": 28 if not tiny else 14,
+                "image_size": image_size or (28 if not tiny else 14),
             },
             "partition": {"kind": "iid", "num_clients": 1},
             "val_fraction": 0.0,
@@ -165,10 +166,12 @@ def client_fixed(cfg, text: str, device, loader, batches) -> dict[str, float]:
     return parts
 
 
-def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
+def measure_device(
+    device: str, repeats: int, agc_clip: float | None, image_size: int | None = None
+) -> dict:
     quiet_lightning()
     torch.set_num_threads(1)  # a simulated client's process
-    cfg = build(settings(device, agc_clip))
+    cfg = build(settings(device, agc_clip, image_size))
     text = dump_config(cfg)
     local = shard(cfg.data, 0)
     x, y = local.x_train.to(device), local.y_train.to(device)
@@ -210,6 +213,7 @@ def measure_device(device: str, repeats: int, agc_clip: float | None) -> dict:
         "device": device,
         "settings": {
             "model": f"cnn width {cfg.model.width} + {cfg.model.norm}",
+            "image_size": cfg.data.synthetic.image_size,
             "batch": cfg.train.batch_size,
             "agc_clip": clip,
             "steps": [SHORT, LONG],
@@ -246,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--agc", type=float, default=None, help="AGC lambda on both sides")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="image side (default: CPU 14, GPU 28)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda", "both"), default="both")
     args = parser.parse_args(argv)
     results: dict = {}
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             print("no GPU here: the GPU step ratio is not measured", flush=True)
             continue
-        got = measure_device(device, args.repeats, args.agc)
+        got = measure_device(device, args.repeats, args.agc, args.image_size)
         results[device] = got
         print(json.dumps(got, indent=2), flush=True)
     if "cpu" in results:
