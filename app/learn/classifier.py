@@ -207,7 +207,7 @@ class FedwsClassifier(L.LightningModule):
         # The step Lightning's automatic optimization takes (gradients set to None, backward
         # through the precision plugin, the optimizer's step with its hooks), written out:
         # the same operations in the same order, without the closure machinery around them
-        # (0.03-0.07 ms a step on a CPU core, benchmarks/step.py's step_ratio_automatic).
+        # (up to about 0.16 ms a step on a CPU core: benchmarks/step.py's step_ratio_automatic).
         # Outside the precision plugin's autocast, which Lightning enters for training_step
         # only: backward, AGC and the update run as under automatic optimization.
         optimizer = self.optimizers()

@@ -112,6 +112,7 @@ def test_cell_ids_are_readable_folder_names():
     )
 
 
+@pytest.mark.slow  # a study of four or more whole federations
 def test_resume_skips_completed_cells_and_reruns_the_rest(tmp_path):
     study = load_study(write_study(tmp_path, GRID))
     out, launched = tmp_path / "out", []
@@ -127,6 +128,7 @@ def test_resume_skips_completed_cells_and_reruns_the_rest(tmp_path):
     assert launched == ["norm-ws_gn_partition-iid"]
 
 
+@pytest.mark.slow  # a study of four or more whole federations
 def test_a_cell_finished_with_other_settings_is_stale_and_runs_again(tmp_path):
     path = write_study(tmp_path, GRID)
     out, launched, said = tmp_path / "out", [], []
@@ -146,6 +148,7 @@ def test_a_cell_finished_with_other_settings_is_stale_and_runs_again(tmp_path):
     assert "4 finished, 0 stale" in dry_run_text(two, out)
 
 
+@pytest.mark.slow  # a study of four or more whole federations
 def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
     study = load_study(write_study(tmp_path, GRID))
     out = tmp_path / "out"
@@ -252,6 +255,7 @@ def test_results_name_the_validation_selected_round_and_never_mix_client_metrics
     )
 
 
+@pytest.mark.slow  # a study of four or more whole federations
 def test_report_table_is_the_seed_mean_of_each_group_and_two_seeds_bold_nothing(tmp_path):
     study = load_study(
         write_study(tmp_path, {"grid": {**GRID["grid"], "seed": [0, 1]}}),
@@ -274,6 +278,7 @@ def test_report_table_is_the_seed_mean_of_each_group_and_two_seeds_bold_nothing(
     assert "**" not in "\n".join(body)  # two seeds: no winner is bolded
 
 
+@pytest.mark.slow  # a study of four or more whole federations
 def test_report_explains_why_with_diagnostics_and_names_switch_axes(tmp_path):
     study = load_study(
         write_study(
