@@ -61,13 +61,9 @@ def quiet_lightning() -> None:
 
 
 @functools.cache
-def _entry_points_of(group: str) -> tuple[importlib.metadata.EntryPoint, ...]:
-    return tuple(importlib.metadata.entry_points(group=group))
-
-
 def _entry_points(*, group: str) -> tuple[importlib.metadata.EntryPoint, ...]:
     """``importlib.metadata.entry_points(group=...)``, read once per process."""
-    return _entry_points_of(group)
+    return tuple(importlib.metadata.entry_points(group=group))
 
 
 def remember_callback_factories() -> None:
