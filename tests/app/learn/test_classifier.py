@@ -115,28 +115,23 @@ def test_train_loss_and_weights_are_lightnings_automatic_step_bit_for_bit(shard_
             "train.precision=bf16-mixed",
             "data.synthetic.image_size=28",
         ],
-    ],
-    ids=["bn, weight decay", "nf, AGC", "adam, fedprox", "simple_cnn, bf16-mixed"],
-)
-def test_every_setting_steps_as_lightnings_automatic_optimization(overrides):
-    _steps_as_automatic_optimization(overrides)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
         ["optim.name=adamw", "optim.weight_decay=0.01", "optim.decay_norms=false"],
         ["optim.nesterov=true", "optim.weight_decay=1e-4", "model.norm=gn"],
         ["model.norm=nf", "optim.agc_clip=0.01", "train.precision=bf16-mixed"],
-        ["model.norm=fixbn", "federation.rounds=4"],
+        ["model.norm=fixbn", "federation.rounds=4"],  # with its BN statistics frozen
     ],
-    ids=["adamw, decay groups", "nesterov, gn", "nf, AGC, bf16-mixed", "fixbn, frozen"],
+    ids=[
+        "bn, weight decay",
+        "nf, AGC",
+        "adam, fedprox",
+        "simple_cnn, bf16-mixed",
+        "adamw, decay groups",
+        "nesterov, gn",
+        "nf, AGC, bf16-mixed",
+        "fixbn, frozen",
+    ],
 )
-def test_more_settings_step_as_lightnings_automatic_optimization(overrides):
-    _steps_as_automatic_optimization(overrides, frozen="model.norm=fixbn" in overrides)
-
-
-def _steps_as_automatic_optimization(overrides: list[str], frozen: bool = False) -> None:
+def test_every_setting_steps_as_lightnings_automatic_optimization(overrides):
     cfg = small_config("data.synthetic.train_size=300", "data.partition.num_clients=1", *overrides)
     ds = load_dataset(cfg.data)
     shard = make_shard(ds, np.arange(len(ds.y_train)), 0, cfg.data)
@@ -145,7 +140,7 @@ def _steps_as_automatic_optimization(overrides: list[str], frozen: bool = False)
         torch.manual_seed(0)
         module = cls.from_config(cfg, ds.in_channels, ds.num_classes)
         module.set_global_weights()
-        module.bn_statistics_frozen = frozen
+        module.bn_statistics_frozen = cfg.model.norm == "fixbn"
         trainer = quiet_trainer(max_epochs=2, precision=cfg.train.precision)
         trainer.fit(module, tensor_loader(shard.x_train, shard.y_train, 32, True, seed=3))
         weights.append(module.model.state_dict())
@@ -317,12 +312,12 @@ def test_trainers_read_the_callback_factories_once_and_each_gets_its_own_callbac
 
     assert registry.entry_points is trainer_module._entry_points
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
-    trainer_module._entry_points_of.cache_clear()
+    trainer_module._entry_points.cache_clear()
     try:
         cfg = small_config()
         first, second = make_trainer(cfg), make_trainer(cfg)
     finally:
-        trainer_module._entry_points_of.cache_clear()  # forget the fake installed package
+        trainer_module._entry_points.cache_clear()  # forget the fake installed package
     assert reads.count("lightning.pytorch.callbacks_factory") == 1  # read once
     assert len(made) == 2 and made[0] is not made[1]  # but called for each Trainer
     assert made[0] in first.callbacks and made[1] in second.callbacks
