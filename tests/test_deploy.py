@@ -290,7 +290,9 @@ def test_registered_nodes_survive_a_superlink_crash(tmp_path):
         wait_for_port(port)
         _wait_for(lambda: online() == [before], 90, "the node did not come back online")
         assert node.poll() is None  # it kept running and reconnected by itself
-        assert "Connection successful" in (tmp_path / "node.log").read_text()
+        node_log = tmp_path / "node.log"  # the SuperLink may list it before its line is written
+        _wait_for(lambda: "Connection successful" in node_log.read_text(), 30, "no reconnect line")
+        assert "Connection successful" in node_log.read_text()
     finally:
         for proc in procs:
             stop_process_group(proc.pid)
