@@ -39,7 +39,7 @@ from app.rundir import RunDir
 from server.evaluation import GlobalEvaluator
 from server.run_log import RunLog
 from server.sampling import AnsweringGrid
-from server.strategy import RoundReplies, build_strategy
+from server.strategy import RoundReplies, RunDiverged, build_strategy
 from server.tracking import chatter_to
 
 ProgressFn = Callable[[dict[str, float]], None]
@@ -105,14 +105,6 @@ def _measured(value: float | None) -> float | str:
 
 def _finite(arrays: ArrayRecord) -> bool:
     return all(torch.isfinite(a).all() for a in arrays.to_torch_state_dict().values())
-
-
-class RunDiverged(FedwsError):
-    """The global model's weights or test loss stopped being finite: a result, not a crash."""
-
-    def __init__(self, server_round: int, what: str) -> None:
-        super().__init__(f"diverged at round {server_round}: {what}")
-        self.server_round = server_round
 
 
 def read_checkpoint(out: Path) -> dict[str, Any] | None:

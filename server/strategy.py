@@ -47,6 +47,15 @@ class TooFewRepliesError(FedwsError):
     """A round ended with fewer successful client replies than ``federation.min_clients``."""
 
 
+class RunDiverged(FedwsError):
+    """The training stopped being finite: the global model's weights or test loss, or every
+    client update short of ``federation.min_clients``. A result, not a crash."""
+
+    def __init__(self, server_round: int, what: str) -> None:
+        super().__init__(f"diverged at round {server_round}: {what}")
+        self.server_round = server_round
+
+
 class LocalStateLostError(FedwsError):
     """A client that trained before came back without its local state."""
 
@@ -231,6 +240,12 @@ class RecordingMixin:
         record.ok = len(ok)
         record.train = {_client(m): _metrics(m) for m in ok}
         self.trained |= set(record.train)
+        if len(ok) < self.min_replies <= len(ok) + record.rejected:  # short by NaN/Inf only
+            raise RunDiverged(
+                server_round,
+                f"{record.rejected} non-finite client updates left {len(ok)} usable, "
+                f"federation.min_clients is {self.min_replies}",
+            )
         if len(ok) < self.min_replies:
             detail = f"; first error: {record.errors[0]}" if record.errors else ""
             raise TooFewRepliesError(

@@ -20,7 +20,7 @@ from clients.client_app import app as client_app
 from server.evaluation import GlobalEvaluator
 from server.sampling import EVALUATE, TRAIN, sample_partitions
 from server.server_app import run_federation
-from server.strategy import LocalStateLostError
+from server.strategy import LocalStateLostError, TooFewRepliesError
 
 
 @pytest.fixture(autouse=True)
@@ -246,6 +246,25 @@ def test_a_diverged_run_is_a_result_with_nulls_not_a_crash(tmp_path):
     assert on_disk["status"] == "diverged" and "round 1: non-finite test loss" in on_disk["error"]
     assert on_disk["final"] is None and on_disk["best"] is None
     assert [r["round"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1"]
+
+
+def test_too_few_finite_updates_is_divergence_and_too_few_replies_is_a_failure(tmp_path):
+    every = "nan_clients: [0, 1, 2, 3], rounds: [2]"
+    cfg = small_config("federation.rounds=3", f"fault_injection={{{every}}}")
+    summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / "nan")
+    assert summary["status"] == "diverged" and summary["diverged_round"] == 2
+    assert "4 non-finite client updates left 0 usable" in summary["error"]
+    assert summary["final"] is None
+    assert [r["round"] for r in read_csv(tmp_path / "nan" / "metrics.csv")] == ["0", "1"]
+    # short of min_clients with a failure among the causes: the run failed, it did not diverge
+    mixed = "fail_clients: [0, 1], nan_clients: [2], rounds: [2]"
+    cfg = small_config(
+        "federation.rounds=3", "federation.min_clients=3", f"fault_injection={{{mixed}}}"
+    )
+    with pytest.raises(TooFewRepliesError, match="round 2: 1 usable client replies"):
+        run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / "mixed")
+    on_disk = json.loads((tmp_path / "mixed" / "summary.json").read_text())
+    assert on_disk["status"] == "failed"
 
 
 def failing_evaluation(client: int):
