@@ -61,6 +61,7 @@ from measure import write_json
 
 from app import rundir
 from app.config import Config, build, dump_config
+from app.learn.classifier import CPU_EVAL_CHUNK
 from app.learn.runtime import dataset, new_module, partitions, round_seed, shard
 from app.learn.trainer import make_trainer, quiet_lightning, tensor_loader
 
@@ -267,12 +268,14 @@ class Floor:
             aggregate_s.append(t1 - t0)
             self.model.load_state_dict(state)
             self.model.eval()
-            with torch.inference_mode():
+            with torch.inference_mode():  # in fedws's passes: the same test, as fast
                 correct = sum(
-                    (self.model(self.x_test[i : i + 1024]).argmax(1) == self.y_test[i : i + 1024])
-                    .sum()
-                    .item()
-                    for i in range(0, len(self.y_test), 1024)
+                    (self.model(x).argmax(1) == y).sum().item()
+                    for x, y in zip(
+                        self.x_test.split(CPU_EVAL_CHUNK),
+                        self.y_test.split(CPU_EVAL_CHUNK),
+                        strict=True,
+                    )
                 )
             acc = correct / len(self.y_test)
             end = time.perf_counter()

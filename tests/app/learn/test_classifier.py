@@ -321,3 +321,45 @@ def test_trainers_read_the_callback_factories_once_and_each_gets_its_own_callbac
     assert reads.count("lightning.pytorch.callbacks_factory") == 1  # read once
     assert len(made) == 2 and made[0] is not made[1]  # but called for each Trainer
     assert made[0] in first.callbacks and made[1] in second.callbacks
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.norm=bn",),
+        ("model.norm=ws_gn",),
+        ("model.norm=nf",),
+        ("model.norm=fixbn",),
+        (
+            "model.arch=simple_cnn",
+            "model.norm=none",
+            "model.width=null",
+            "data.synthetic.image_size=28",
+        ),
+        ("model.arch=resnet20", "model.norm=bn"),
+    ],
+    ids=["bn", "ws_gn", "nf", "fixbn", "simple_cnn none", "resnet20 bn"],
+)
+def test_cpu_evaluation_in_passes_gives_the_metrics_of_one_pass(overrides, monkeypatch):
+    from app.learn import classifier
+
+    cfg = small_config("data.synthetic.train_size=300", "data.partition.num_clients=1", *overrides)
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    module = FedwsClassifier.from_config(cfg, ds.in_channels, ds.num_classes)
+    shard = make_shard(ds, np.arange(len(ds.y_train)), 0, cfg.data)
+    quiet_trainer(max_steps=3, limit_val_batches=0).fit(
+        module, tensor_loader(shard.x_train, shard.y_train, 32)
+    )  # BN running statistics other than their initial values
+    x, y = ds.normalize(ds.x_test), ds.y_test
+    n = len(y)
+    assert n > 64
+    passes = []
+    module.model.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
+    results = {}
+    for chunk in (64, 10**9):
+        monkeypatch.setattr(classifier, "CPU_EVAL_CHUNK", chunk)
+        passes.clear()
+        (results[chunk],) = quiet_trainer().test(module, tensor_loader(x, y, n), verbose=False)
+        assert max(passes) == min(chunk, n) and sum(passes) == n
+    assert results[64] == results[10**9]
