@@ -250,6 +250,8 @@ class Federation:
             )
         except RunDiverged as err:
             log(WARNING, "fedws: %s", err)
+            if not run_log.rows or run_log.rows[-1]["round"] < err.server_round:
+                self._log_untested(err.server_round)  # the round's replies stopped it
             return run_log.finish(rundir.DIVERGED, str(err), diverged_round=err.server_round)
         except FedwsError as err:
             run_log.finish(rundir.FAILED, str(err))
@@ -277,6 +279,12 @@ class Federation:
         if self.progress is not None:
             self.progress(row)
         return MetricRecord(test) if due else None
+
+    def _log_untested(self, server_round: int) -> None:
+        """The row of a round that ended before its test: its replies' counts, no scores."""
+        replies = self.strategy.rounds.get(server_round, RoundReplies())
+        untested = {"test_accuracy": math.nan, "test_loss": math.nan}
+        self._log(server_round, self._row(server_round, untested, replies), replies, [], [])
 
     def _due(self, server_round: int) -> bool:
         """Whether the global model is tested after this round (every ``eval_every``, and the

@@ -240,18 +240,21 @@ class RecordingMixin:
         record.ok = len(ok)
         record.train = {_client(m): _metrics(m) for m in ok}
         self.trained |= set(record.train)
-        if len(ok) < self.min_replies <= len(ok) + record.rejected:  # short by NaN/Inf only
+        if len(ok) >= self.min_replies:
+            return
+        detail = f"; first error: {record.errors[0]}" if record.errors else ""
+        # short because updates were non-finite, not because replies failed: had the updates
+        # been finite the round would have had enough, had the failed replies come it would not
+        if len(ok) + record.failed < self.min_replies <= len(ok) + record.rejected:
             raise RunDiverged(
                 server_round,
                 f"{record.rejected} non-finite client updates left {len(ok)} usable, "
-                f"federation.min_clients is {self.min_replies}",
+                f"federation.min_clients is {self.min_replies}{detail}",
             )
-        if len(ok) < self.min_replies:
-            detail = f"; first error: {record.errors[0]}" if record.errors else ""
-            raise TooFewRepliesError(
-                f"round {server_round}: {len(ok)} usable client replies, "
-                f"federation.min_clients is {self.min_replies}{detail}"
-            )
+        raise TooFewRepliesError(
+            f"round {server_round}: {len(ok)} usable client replies, "
+            f"federation.min_clients is {self.min_replies}{detail}"
+        )
 
     def _server_step(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
         """Flower's weighted mean in the model's dtypes, stepped by the server optimizer

@@ -254,17 +254,28 @@ def test_too_few_finite_updates_is_divergence_and_too_few_replies_is_a_failure(t
     summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / "nan")
     assert summary["status"] == "diverged" and summary["diverged_round"] == 2
     assert "4 non-finite client updates left 0 usable" in summary["error"]
-    assert summary["final"] is None
-    assert [r["round"] for r in read_csv(tmp_path / "nan" / "metrics.csv")] == ["0", "1"]
-    # short of min_clients with a failure among the causes: the run failed, it did not diverge
-    mixed = "fail_clients: [0, 1], nan_clients: [2], rounds: [2]"
-    cfg = small_config(
-        "federation.rounds=3", "federation.min_clients=3", f"fault_injection={{{mixed}}}"
+    assert summary["final"] is None and summary["rounds"] == 2
+    rows = read_csv(tmp_path / "nan" / "metrics.csv")
+    assert [r["round"] for r in rows] == ["0", "1", "2"]  # the round that stopped it, unscored
+    assert (rows[2]["clients_ok"], rows[2]["clients_rejected"], rows[2]["test_accuracy"]) == (
+        "0",
+        "4",
+        "nan",
     )
-    with pytest.raises(TooFewRepliesError, match="round 2: 1 usable client replies"):
-        run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / "mixed")
-    on_disk = json.loads((tmp_path / "mixed" / "summary.json").read_text())
-    assert on_disk["status"] == "failed"
+    # short of min_clients where the failed replies alone would have filled the round: failed
+    for name, faults, minimum in (
+        ("mixed", "fail_clients: [0, 1], nan_clients: [2], rounds: [2]", 3),
+        ("mostly-failed", "fail_clients: [0, 1, 2], nan_clients: [3], rounds: [2]", 1),
+    ):
+        cfg = small_config(
+            "federation.rounds=3",
+            f"federation.min_clients={minimum}",
+            f"fault_injection={{{faults}}}",
+        )
+        with pytest.raises(TooFewRepliesError, match="round 2: [01] usable client replies"):
+            run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / name)
+        on_disk = json.loads((tmp_path / name / "summary.json").read_text())
+        assert on_disk["status"] == "failed", name
 
 
 def failing_evaluation(client: int):
