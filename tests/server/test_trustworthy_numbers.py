@@ -272,7 +272,7 @@ def test_too_few_finite_updates_is_divergence_and_too_few_replies_is_a_failure(t
             f"federation.min_clients={minimum}",
             f"fault_injection={{{faults}}}",
         )
-        with pytest.raises(TooFewRepliesError, match="round 2: [01] usable client replies"):
+        with pytest.raises(TooFewRepliesError, match=r"round 2: [01] usable client replies"):
             run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / name)
         on_disk = json.loads((tmp_path / name / "summary.json").read_text())
         assert on_disk["status"] == "failed", name

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import small_config
 
+from app.config import NORMS
 from app.data.datasets import load_dataset
 from app.data.partitions import make_shard
 from app.learn.classifier import FedwsClassifier
@@ -323,13 +324,13 @@ def test_trainers_read_the_callback_factories_once_and_each_gets_its_own_callbac
     assert made[0] in first.callbacks and made[1] in second.callbacks
 
 
+SIZE_28 = "data.synthetic.image_size=28"  # simple_cnn's fully connected layer expects 28x28
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [
-        ("model.norm=bn",),
-        ("model.norm=ws_gn",),
-        ("model.norm=nf",),
-        ("model.norm=fixbn",),
+    [(f"model.norm={norm}",) for norm in NORMS]
+    + [
         (
             "model.arch=simple_cnn",
             "model.norm=none",
@@ -337,8 +338,9 @@ def test_trainers_read_the_callback_factories_once_and_each_gets_its_own_callbac
             "data.synthetic.image_size=28",
         ),
         ("model.arch=resnet20", "model.norm=bn"),
+        ("model.norm=ws_gn", "train.precision=bf16-mixed"),
     ],
-    ids=["bn", "ws_gn", "nf", "fixbn", "simple_cnn none", "resnet20 bn"],
+    ids=[*NORMS, "simple_cnn none", "resnet20 bn", "ws_gn bf16-mixed"],
 )
 def test_cpu_evaluation_in_passes_gives_the_metrics_of_one_pass(overrides, monkeypatch):
     from app.learn import classifier
@@ -357,9 +359,10 @@ def test_cpu_evaluation_in_passes_gives_the_metrics_of_one_pass(overrides, monke
     passes = []
     module.model.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
     results = {}
-    for chunk in (64, 10**9):
+    for chunk in (10**9, 64, n - 1):  # one pass; several and a short last one; a last of 1
         monkeypatch.setattr(classifier, "CPU_EVAL_CHUNK", chunk)
         passes.clear()
-        (results[chunk],) = quiet_trainer().test(module, tensor_loader(x, y, n), verbose=False)
+        trainer = quiet_trainer(precision=cfg.train.precision)
+        (results[chunk],) = trainer.test(module, tensor_loader(x, y, n), verbose=False)
         assert max(passes) == min(chunk, n) and sum(passes) == n
-    assert results[64] == results[10**9]
+        assert results[chunk] == results[10**9], chunk
