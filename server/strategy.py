@@ -43,6 +43,9 @@ STRATEGY_CLASSES: dict[str, type[fl.FedAvg]] = {
 }
 
 
+NON_FINITE = "non-finite update"  # a reply's error: NaN or Inf in one of its arrays
+
+
 class TooFewRepliesError(FedwsError):
     """A round ended with fewer successful client replies than ``federation.min_clients``."""
 
@@ -229,9 +232,7 @@ class RecordingMixin:
         usable = [_finite(m) for m in ok]
         record.rejected = usable.count(False)
         record.errors += [
-            f"client {_client(m)}: non-finite update"
-            for m, u in zip(ok, usable, strict=True)
-            if not u
+            f"client {_client(m)}: {NON_FINITE}" for m, u in zip(ok, usable, strict=True) if not u
         ]
         return [m for m, u in zip(ok, usable, strict=True) if u]
 
@@ -242,15 +243,16 @@ class RecordingMixin:
         self.trained |= set(record.train)
         if len(ok) >= self.min_replies:
             return
-        detail = f"; first error: {record.errors[0]}" if record.errors else ""
         # short because updates were non-finite, not because replies failed: had the updates
         # been finite the round would have had enough, had the failed replies come it would not
         if len(ok) + record.failed < self.min_replies <= len(ok) + record.rejected:
+            first = next(e for e in record.errors if e.endswith(NON_FINITE))
             raise RunDiverged(
                 server_round,
                 f"{record.rejected} non-finite client updates left {len(ok)} usable, "
-                f"federation.min_clients is {self.min_replies}{detail}",
+                f"federation.min_clients is {self.min_replies}; first: {first}",
             )
+        detail = f"; first error: {record.errors[0]}" if record.errors else ""
         raise TooFewRepliesError(
             f"round {server_round}: {len(ok)} usable client replies, "
             f"federation.min_clients is {self.min_replies}{detail}"

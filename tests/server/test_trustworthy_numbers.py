@@ -262,6 +262,17 @@ def test_too_few_finite_updates_is_divergence_and_too_few_replies_is_a_failure(t
         "4",
         "nan",
     )
+    # a failed reply among them, but the round short because of the non-finite updates
+    faults = "fail_clients: [0], nan_clients: [1, 2, 3], rounds: [2]"
+    cfg = small_config(
+        "federation.rounds=3", "federation.min_clients=3", f"fault_injection={{{faults}}}"
+    )
+    summary = run_federation(InProcessGrid(client_app, 4), cfg, tmp_path / "nan-and-failed")
+    assert summary["status"] == "diverged" and summary["diverged_round"] == 2
+    assert "3 non-finite client updates left 0 usable" in summary["error"]
+    assert "first: client 1: non-finite update" in summary["error"]
+    row = read_csv(tmp_path / "nan-and-failed" / "metrics.csv")[2]
+    assert (row["clients_ok"], row["clients_failed"], row["clients_rejected"]) == ("0", "1", "3")
     # short of min_clients where the failed replies alone would have filled the round: failed
     for name, faults, minimum in (
         ("mixed", "fail_clients: [0, 1], nan_clients: [2], rounds: [2]", 3),
