@@ -22,16 +22,13 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-from measure import summary, write_json
+from measure import free_port, stop_process_group, summary, wait_for_port, write_json
 
 from app import rundir
 
@@ -48,34 +45,6 @@ WORKLOAD = {
     "model": {"arch": "cnn", "norm": "ws_gn", "width": 8},
     "train": {"batch_size": 32, "local_epochs": 1},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process started in its own session, and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def flwr_run(app: Path, config: Path, out: Path, env: dict[str, str]) -> list[float]:
@@ -179,8 +148,9 @@ def main() -> None:
                     flush=True,
                 )
         finally:
-            for proc in reversed(procs):
-                stop(proc)
+            for proc in reversed(procs):  # each started in its own session: pgid == pid
+                stop_process_group(proc.pid)
+                proc.wait(timeout=20)
     stats = {side: summary(v) for side, v in seconds.items()}
     for side, st in stats.items():
         name = "this checkout" if side == "this" else f"baseline {baseline}"

@@ -1,10 +1,15 @@
 """What the benchmarks share: robust summaries of repeated timings, the processes running
-(the one walk of /proc, which the tests use too), the memory of a process tree (a run's driver,
-Ray's processes, its client actors), and writing the results as JSON."""
+(the one walk of /proc, which the tests use too), stopping a process group, free ports on
+127.0.0.1 and waiting for one to listen (the tests' too), the memory of a process tree (a run's
+driver, Ray's processes, its client actors), and writing the results as JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import statistics
 import subprocess
 import threading
@@ -82,6 +87,48 @@ def pids_with(*markers: str) -> list[int]:
     """PIDs of the processes whose command line contains every one of ``markers``."""
     wanted = [m.encode() for m in markers]
     return [p.pid for p in processes() if all(m in command_line(p.pid) for m in wanted)]
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not)."""
+    return any(p.pgid == pgid and p.state != "Z" for p in processes())
+
+
+def stop_process_group(pgid: int, grace_s: float = 15) -> None:
+    """SIGTERM every process of group ``pgid``; SIGKILL what still runs after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def free_port(count: int = 1) -> int:
+    """A free port on 127.0.0.1 such that the ``count - 1`` ports after it are free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count <= 65535 and all(_free(base + i) for i in range(1, count)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    """Return once something listens on 127.0.0.1:``port``; ``TimeoutError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _children() -> dict[int, list[int]]:

@@ -3,13 +3,9 @@ tests that start real Flower processes (through benchmarks/measure.py's walk of 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -19,8 +15,11 @@ from app.config import Config, apply_overrides, build
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "benchmarks"))  # measure.py: the walk of /proc, one copy for both
 
-from measure import pids_with as pids_with  # noqa: E402 (re-exported for the tests)
-from measure import processes  # noqa: E402
+# re-exported for the tests: one copy for the tests and the benchmarks
+from measure import free_port as free_port  # noqa: E402
+from measure import pids_with as pids_with  # noqa: E402
+from measure import stop_process_group as stop_process_group  # noqa: E402
+from measure import wait_for_port as wait_for_port  # noqa: E402
 
 FEDWS = [sys.executable, "-m", "app.tools.cli"]  # the fedws command of this environment
 
@@ -111,21 +110,6 @@ def set_task_identity(monkeypatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def free_port(count: int = 1) -> int:
-    """A free port on 127.0.0.1 such that the ``count - 1`` ports after it are free too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count <= 65535 and all(_free(base + i) for i in range(1, count)):
-            return base
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def bare_env(**extra: str) -> dict[str, str]:
     """This process's environment with every ``PATH`` folder that holds Flower's executables
     removed (an active venv's ``bin/`` among them): a child process finds Flower only when
@@ -138,19 +122,3 @@ def bare_env(**extra: str) -> dict[str, str]:
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.update(extra)
     return env
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not)."""
-    return any(p.pgid == pgid and p.state != "Z" for p in processes())
-
-
-def stop_process_group(pgid: int, grace_s: float = 15) -> None:
-    """SIGTERM every process of group ``pgid``; SIGKILL what still runs after ``grace_s``."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from helpers import (
     pids_with,
     stop_process_group,
     tiny_config_file,
+    wait_for_port,
 )
 
 from app.tools.cli import main
@@ -30,16 +30,6 @@ from app.tools.cli import main
 pytestmark = pytest.mark.slow  # starts Ray or Flower processes
 
 BIN = Path(sys.executable).parent
-
-
-def wait_for_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
