@@ -103,19 +103,22 @@ def test_train_loss_and_weights_are_lightnings_automatic_step_bit_for_bit(shard_
         assert torch.equal(value, weights[1][key]), key
 
 
+# NIID-Bench's network without normalization (its fully connected layer expects 28x28 images)
+SIMPLE_CNN = (
+    "model.arch=simple_cnn",
+    "model.norm=none",
+    "model.width=null",
+    "data.synthetic.image_size=28",
+)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         ["model.norm=bn", "optim.weight_decay=1e-4"],
         ["model.norm=nf", "optim.agc_clip=0.01", "optim.lr=0.5"],
         ["optim.name=adam", "optim.lr=0.01", "federation.strategy=fedprox"],
-        [
-            "model.arch=simple_cnn",
-            "model.norm=none",
-            "model.width=null",
-            "train.precision=bf16-mixed",
-            "data.synthetic.image_size=28",
-        ],
+        [*SIMPLE_CNN, "train.precision=bf16-mixed"],
         ["optim.name=adamw", "optim.weight_decay=0.01", "optim.decay_norms=false"],
         ["optim.nesterov=true", "optim.weight_decay=1e-4", "model.norm=gn"],
         ["model.norm=nf", "optim.agc_clip=0.01", "train.precision=bf16-mixed"],
@@ -324,19 +327,11 @@ def test_trainers_read_the_callback_factories_once_and_each_gets_its_own_callbac
     assert made[0] in first.callbacks and made[1] in second.callbacks
 
 
-SIZE_28 = "data.synthetic.image_size=28"  # simple_cnn's fully connected layer expects 28x28
-
-
 @pytest.mark.parametrize(
     "overrides",
     [(f"model.norm={norm}",) for norm in NORMS]
     + [
-        (
-            "model.arch=simple_cnn",
-            "model.norm=none",
-            "model.width=null",
-            "data.synthetic.image_size=28",
-        ),
+        SIMPLE_CNN,
         ("model.arch=resnet20", "model.norm=bn"),
         ("model.norm=ws_gn", "train.precision=bf16-mixed"),
     ],
