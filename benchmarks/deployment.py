@@ -28,7 +28,14 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from measure import free_port, stop_process_group, summary, wait_for_port, write_json
+from measure import (
+    free_port,
+    start_logged,
+    stop_process_group,
+    summary,
+    wait_for_port,
+    write_json,
+)
 
 from app import rundir
 
@@ -123,17 +130,8 @@ def main() -> None:
                     ],
                 ),
             ):
-                with (logs / f"{name}.log").open("w") as log:
-                    procs.append(
-                        subprocess.Popen(
-                            [*fedws, *extra, "--insecure"],
-                            cwd=REPO,
-                            env=env,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                        )
-                    )
+                log = logs / f"{name}.log"
+                procs.append(start_logged([*fedws, *extra, "--insecure"], log, REPO, env))
                 if name == "superlink":
                     wait_for_port(port)
             sides = [("this", REPO)] + ([("baseline", baseline)] if baseline else [])

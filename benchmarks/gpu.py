@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import yaml
-from measure import write_json
+from measure import start_logged, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -211,14 +211,9 @@ def run_full(setting: Setting, root: Path, timeout: float) -> dict[str, float | 
     command = [sys.executable, "-m", "app.tools.cli", "run", str(config), "-o", str(out)]
     start = time.perf_counter()
     log = root / "log.txt"
-    with GpuSampler(lambda: rounds_done(metrics)) as gpu, open(log, "w") as sink:
-        proc = subprocess.Popen(  # a session of its own: a timeout stops Ray's processes too
-            [*command, "--no-progress"],
-            cwd=REPO,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    with GpuSampler(lambda: rounds_done(metrics)) as gpu:
+        # a session of its own: a timeout stops Ray's processes too
+        proc = start_logged([*command, "--no-progress"], log, REPO)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

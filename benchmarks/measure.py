@@ -105,6 +105,18 @@ def stop_process_group(pgid: int, grace_s: float = 15) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def start_logged(
+    command: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None, append=False
+) -> subprocess.Popen:
+    """Start ``command`` in a session of its own (its process group is its pid, so
+    ``stop_process_group(proc.pid)`` reaches every process it starts), its stdout and stderr
+    written to ``log`` (appended to with ``append``)."""
+    with open(log, "a" if append else "w") as out:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def free_port(count: int = 1) -> int:
     """A free port on 127.0.0.1 such that the ``count - 1`` ports after it are free too."""
     while True:

@@ -18,6 +18,7 @@ sys.path.append(str(REPO / "benchmarks"))  # measure.py: the walk of /proc, one 
 # re-exported for the tests: one copy for the tests and the benchmarks
 from measure import free_port as free_port  # noqa: E402
 from measure import pids_with as pids_with  # noqa: E402
+from measure import start_logged as start_logged  # noqa: E402
 from measure import stop_process_group as stop_process_group  # noqa: E402
 from measure import wait_for_port as wait_for_port  # noqa: E402
 

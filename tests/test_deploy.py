@@ -4,7 +4,6 @@ SuperNode whose key was never registered is refused. Every process started here 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from helpers import (
     bare_env,
     free_port,
     pids_with,
+    start_logged,
     stop_process_group,
     tiny_config_file,
     wait_for_port,
@@ -50,24 +50,11 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
     # flower-superexec) from its own environment, as for a user who never activated the venv
     env = bare_env(FLWR_HOME=str(home))
     fedws = [*FEDWS, "deploy"]
-    files = contextlib.ExitStack()
-    logs = {
-        name: files.enter_context((tmp_path / f"{name}.log").open("w"))
-        for name in ("link", "nodes", "intruder")
-    }
     procs: list[subprocess.Popen] = []
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=logs[name],
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        procs.append(proc)
-        return proc
+        procs.append(start_logged(command, tmp_path / f"{name}.log", REPO, env))
+        return procs[-1]
 
     try:
         start(
@@ -161,32 +148,24 @@ def test_secured_deployment_runs_and_refuses_an_unregistered_node(tmp_path):
         for proc in procs:  # each started in its own session: pgid == pid
             stop_process_group(proc.pid)
             proc.wait(timeout=20)
-        files.close()
     assert pids_with(str(tmp_path)) == []
 
 
 def test_sigterm_stops_fedws_deploy_and_its_flower_process_promptly(tmp_path):
     port = free_port()
     command = [*FEDWS, "deploy", "superlink", "--insecure", "--host", "127.0.0.1"]
-    with (tmp_path / "link.log").open("w") as log:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=tmp_path,
-            env=bare_env(FLWR_HOME=str(tmp_path / "flwr-home")),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_for_port(port)
-            children = pids_with("flower-superlink", str(port))
-            assert children, (tmp_path / "link.log").read_text()
-            start = time.monotonic()
-            proc.send_signal(signal.SIGTERM)  # to fedws alone, as a service manager would
-            code = proc.wait(timeout=60)
-            stopped_s = time.monotonic() - start
-        finally:
-            stop_process_group(proc.pid)
+    env = bare_env(FLWR_HOME=str(tmp_path / "flwr-home"))
+    proc = start_logged([*command, "--port", str(port)], tmp_path / "link.log", tmp_path, env)
+    try:
+        wait_for_port(port)
+        children = pids_with("flower-superlink", str(port))
+        assert children, (tmp_path / "link.log").read_text()
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # to fedws alone, as a service manager would
+        code = proc.wait(timeout=60)
+        stopped_s = time.monotonic() - start
+    finally:
+        stop_process_group(proc.pid)
     assert code == 143
     assert stopped_s < 5, f"took {stopped_s:.1f} s"
     assert not pids_with("flower-superlink", str(port))
@@ -222,17 +201,9 @@ def test_registered_nodes_survive_a_superlink_crash(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> subprocess.Popen:
-        with (tmp_path / f"{name}.log").open("a") as log:
-            proc = subprocess.Popen(
-                [*FEDWS, "deploy", *args],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(proc)
-        return proc
+        log = tmp_path / f"{name}.log"  # appended to: the SuperLink's restart keeps its first log
+        procs.append(start_logged([*FEDWS, "deploy", *args], log, REPO, env, append=True))
+        return procs[-1]
 
     def online() -> list[str]:
         listing = subprocess.run(
@@ -316,17 +287,7 @@ def test_a_node_without_tls_against_a_tls_superlink_is_told_why_it_cannot_connec
                 ],
             ),
         ):
-            with logs[name].open("w") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [*FEDWS, "deploy", *args],
-                        cwd=REPO,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            procs.append(start_logged([*FEDWS, "deploy", *args], logs[name], REPO, env))
             if name == "link":
                 wait_for_port(port)
         _wait_for(lambda: "keeps failing to connect" in logs["node"].read_text(), 60, "no hint")

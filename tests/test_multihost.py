@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, bare_env, pids_with, stop_process_group
+from helpers import REPO, bare_env, pids_with, start_logged, stop_process_group
 
 from app.rundir import read_csv
 from app.tools.cli import main
@@ -150,15 +150,7 @@ class Deployment:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, ns: str, command: list, cwd: Path, env: dict) -> subprocess.Popen:
-        with (self.logs / f"{name}.log").open("w") as log:
-            proc = subprocess.Popen(
-                in_ns(ns, *command),
-                cwd=cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_logged(in_ns(ns, *command), self.logs / f"{name}.log", cwd, env)
         self.procs[name] = proc
         return proc
 
