@@ -17,7 +17,11 @@ Workload: 10 clients, 5 rounds, ``cnn`` + ``ws_gn``, IID shards of 600 training 
 Fashion-MNIST (synthetic data of the same shape if the Debian package is absent), 1 local epoch,
 batch 32, diagnostics on, the global model tested on the 10,000 test images every round.
 
-    python benchmarks/federation.py [--json PATH] [--rounds 5] [--repeats 2]
+    python benchmarks/federation.py [--json PATH] [--rounds 5] [--repeats 2] [--ray-niceness N]
+
+``--ray-niceness N`` runs (a) and (a2) a second time in every repeat with Ray's client processes
+at niceness N (Ray's default is 15; fedws starts them at 0, the server's priority): the change
+measured against what it replaced, in the same invocation.
 
 Seconds per round: the median over every round but the first of each run (round 1 pays the
 start-up: Ray and its actors for (a), first touches for the others), over the repeats, with the
@@ -29,12 +33,14 @@ and what is left: Flower and Ray moving the messages (queues, polling, schedulin
 JSON keys: fedws_s_per_round (a), floor_s_per_round (b), fedws_one_process_s_per_round (a2),
 floor_serial_s_per_round (b1), peer_s_per_round, ratio_fedws_floor (a/b),
 ratio_fedws_floor_one_process (a2/b1), ratio_fedws_best_floor_best (the faster of (a) and (a2)
-over the faster of (b) and (b1)), startup_s, breakdown (seconds per round), layout.
+over the faster of (b) and (b1)), startup_s, breakdown (seconds per round), layout; with
+``--ray-niceness``, ray_niceness (the same for (a) and (a2) at niceness N).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -494,6 +500,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each method")
     parser.add_argument("--peer-workers", type=int, default=2, help="DataLoader workers of (c)")
+    parser.add_argument(
+        "--ray-niceness",
+        type=int,
+        metavar="N",
+        help="also run (a) and (a2) with Ray's client processes at niceness N (Ray's own "
+        "default is 15; fedws runs them at 0), interleaved with the others",
+    )
     args = parser.parse_args()
     quiet_lightning()
     warnings.filterwarnings("ignore")
@@ -512,6 +525,9 @@ def main() -> None:
         for key, config in (("a", cfg), ("a2", one_process)):
             with tempfile.TemporaryDirectory() as tmp:
                 runs[key].append(run_fedws(config, Path(tmp) / "run"))
+            if args.ray_niceness is not None:
+                with tempfile.TemporaryDirectory() as tmp, ray_niceness(args.ray_niceness):
+                    runs[f"{key} nice"].append(run_fedws(config, Path(tmp) / "run"))
         for key, processes in (("b", cpus), ("b1", 0)):
             floor = Floor(cfg, processes)
             try:
@@ -599,7 +615,40 @@ def main() -> None:
         "cpus": cpus,
         "repeats": args.repeats,
     }
+    if args.ray_niceness is not None:
+        nice = {k: per_round(f"{k} nice") for k in ("a", "a2")}
+        for key, s in nice.items():
+            print(
+                f"({key}) with Ray's client processes at niceness {args.ray_niceness}: "
+                f"{s['median']:.3f} s/round ({s['min']:.3f}-{s['max']:.3f}), "
+                f"{s['median'] / per_round(key)['median']:.3f}x fedws's"
+            )
+        best_nice = min(s["median"] for s in nice.values()) / min(b["median"], b1["median"])
+        print(f"fedws's fastest layout / the fastest floor at niceness N: {best_nice:.3f}")
+        result["ray_niceness"] = {
+            "niceness": args.ray_niceness,
+            "fedws_s_per_round": nice["a"]["median"],
+            "fedws_one_process_s_per_round": nice["a2"]["median"],
+            "spread": nice,
+            "ratio_fedws_best_floor_best": best_nice,
+        }
     write_json(args.json, result)
+
+
+@contextlib.contextmanager
+def ray_niceness(value: int):
+    """Within: Ray starts its worker processes (the clients) at niceness ``value``."""
+    from app.tools.simulation import WORKER_NICENESS
+
+    before = os.environ.get(WORKER_NICENESS)
+    os.environ[WORKER_NICENESS] = str(value)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(WORKER_NICENESS)
+        else:
+            os.environ[WORKER_NICENESS] = before
 
 
 if __name__ == "__main__":
