@@ -19,9 +19,10 @@ batch 32, diagnostics on, the global model tested on the 10,000 test images ever
 
     python benchmarks/federation.py [--json PATH] [--rounds 5] [--repeats 2] [--ray-niceness N]
 
-``--ray-niceness N`` runs (a) and (a2) a second time in every repeat with Ray's client processes
-at niceness N (Ray's default is 15; fedws starts them at 0, the server's priority): the change
-measured against what it replaced, in the same invocation.
+``--ray-niceness N`` runs (a) and (a2) a second time in every repeat, either side first in turn,
+with Ray's client processes N niceness steps below this process (Ray's own default is 15; fedws
+starts them at 0, the server's priority): the change measured against what it replaced, in the
+same invocation, with the same final accuracy checked.
 
 Seconds per round: the median over every round but the first of each run (round 1 pays the
 start-up: Ray and its actors for (a), first touches for the others), over the repeats, with the
@@ -34,7 +35,7 @@ JSON keys: fedws_s_per_round (a), floor_s_per_round (b), fedws_one_process_s_per
 floor_serial_s_per_round (b1), peer_s_per_round, ratio_fedws_floor (a/b),
 ratio_fedws_floor_one_process (a2/b1), ratio_fedws_best_floor_best (the faster of (a) and (a2)
 over the faster of (b) and (b1)), startup_s, breakdown (seconds per round), layout; with
-``--ray-niceness``, ray_niceness (the same for (a) and (a2) at niceness N).
+``--ray-niceness``, ray_niceness (the same for (a) and (a2) at niceness +N).
 """
 
 from __future__ import annotations
@@ -504,8 +505,8 @@ def main() -> None:
         "--ray-niceness",
         type=int,
         metavar="N",
-        help="also run (a) and (a2) with Ray's client processes at niceness N (Ray's own "
-        "default is 15; fedws runs them at 0), interleaved with the others",
+        help="also run (a) and (a2) with Ray's client processes N niceness steps below this "
+        "process (Ray's own default is 15; fedws runs them at 0), interleaved with the others",
     )
     args = parser.parse_args()
     quiet_lightning()
@@ -523,11 +524,12 @@ def main() -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     for repeat in range(args.repeats):  # interleaved: a, a2, b, b1, c, a, a2, b, b1, c, ...
         for key, config in (("a", cfg), ("a2", one_process)):
-            with tempfile.TemporaryDirectory() as tmp:
-                runs[key].append(run_fedws(config, Path(tmp) / "run"))
-            if args.ray_niceness is not None:
-                with tempfile.TemporaryDirectory() as tmp, ray_niceness(args.ray_niceness):
-                    runs[f"{key} nice"].append(run_fedws(config, Path(tmp) / "run"))
+            sides = [(key, contextlib.nullcontext())]
+            if args.ray_niceness is not None:  # either side first in turn
+                sides.insert(repeat % 2, (f"{key} nice", ray_niceness(args.ray_niceness)))
+            for side, setting in sides:
+                with tempfile.TemporaryDirectory() as tmp, setting:
+                    runs[side].append(run_fedws(config, Path(tmp) / "run"))
         for key, processes in (("b", cpus), ("b1", 0)):
             floor = Floor(cfg, processes)
             try:
@@ -619,25 +621,34 @@ def main() -> None:
         nice = {k: per_round(f"{k} nice") for k in ("a", "a2")}
         for key, s in nice.items():
             print(
-                f"({key}) with Ray's client processes at niceness {args.ray_niceness}: "
+                f"({key}) with Ray's client processes at niceness +{args.ray_niceness}: "
                 f"{s['median']:.3f} s/round ({s['min']:.3f}-{s['max']:.3f}), "
                 f"{s['median'] / per_round(key)['median']:.3f}x fedws's"
             )
+        accuracies = {  # a process's priority changes no number of the run
+            key: sorted({r["final_accuracy"] for r in runs[key] + runs[f"{key} nice"]})
+            for key in ("a", "a2")
+        }
+        for key, seen in accuracies.items():
+            verdict = "the same" if len(seen) == 1 else "NOT the same"
+            print(f"({key}) final accuracy at both priorities: {verdict} ({seen})")
         best_nice = min(s["median"] for s in nice.values()) / min(b["median"], b1["median"])
-        print(f"fedws's fastest layout / the fastest floor at niceness N: {best_nice:.3f}")
+        print(f"fedws's fastest layout / the fastest floor at niceness +N: {best_nice:.3f}")
         result["ray_niceness"] = {
             "niceness": args.ray_niceness,
             "fedws_s_per_round": nice["a"]["median"],
             "fedws_one_process_s_per_round": nice["a2"]["median"],
             "spread": nice,
             "ratio_fedws_best_floor_best": best_nice,
+            "final_accuracies": accuracies,
         }
     write_json(args.json, result)
 
 
 @contextlib.contextmanager
 def ray_niceness(value: int):
-    """Within: Ray starts its worker processes (the clients) at niceness ``value``."""
+    """Within: a Ray instance started here runs its worker processes (the clients) ``value``
+    niceness steps below the process that starts it."""
     from app.tools.simulation import WORKER_NICENESS
 
     before = os.environ.get(WORKER_NICENESS)

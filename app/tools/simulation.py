@@ -18,10 +18,11 @@ from flwr.simulation import run_simulation as flwr_run_simulation
 
 from clients.client_app import app as client_app
 
-# Ray starts its worker processes, fedws's clients, at niceness 15: below this process (the
-# server) and Ray's own services, so each of their wake-ups takes a core from a client's compute
-# threads. The clients are the run's work: they run at the server's priority unless
-# RAY_worker_niceness (Ray's own setting, read when a local Ray instance starts) says otherwise.
+# Ray starts its worker processes, fedws's clients, 15 niceness steps below the process that
+# starts Ray (this one, the server) and Ray's own services, so each of their wake-ups takes a
+# core from a client's compute threads. The clients are the run's work: they run at the server's
+# priority unless RAY_worker_niceness (Ray's own setting, the steps; read when fedws starts a
+# local Ray instance, not when it joins a running cluster) says otherwise.
 WORKER_NICENESS = "RAY_worker_niceness"
 
 
