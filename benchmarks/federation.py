@@ -20,9 +20,8 @@ batch 32, diagnostics on, the global model tested on the 10,000 test images ever
     python benchmarks/federation.py [--json PATH] [--rounds 5] [--repeats 2] [--ray-niceness N]
 
 ``--ray-niceness N`` runs (a) and (a2) a second time in every repeat, either side first in turn,
-with Ray's client processes N niceness steps below this process (Ray's own default is 15; fedws
-starts them at 0, the server's priority): the change measured against what it replaced, in the
-same invocation, with the same final accuracy checked.
+with Ray's client processes N niceness steps below this process instead of Ray's default 15
+(which fedws keeps), and says whether both priorities gave the same final accuracy.
 
 Seconds per round: the median over every round but the first of each run (round 1 pays the
 start-up: Ray and its actors for (a), first touches for the others), over the repeats, with the
@@ -506,7 +505,7 @@ def main() -> None:
         type=int,
         metavar="N",
         help="also run (a) and (a2) with Ray's client processes N niceness steps below this "
-        "process (Ray's own default is 15; fedws runs them at 0), interleaved with the others",
+        "process (Ray's default, which fedws keeps: 15), interleaved with the others",
     )
     args = parser.parse_args()
     quiet_lightning()
@@ -645,12 +644,13 @@ def main() -> None:
     write_json(args.json, result)
 
 
+WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting, read when a local instance starts
+
+
 @contextlib.contextmanager
 def ray_niceness(value: int):
     """Within: a Ray instance started here runs its worker processes (the clients) ``value``
     niceness steps below the process that starts it."""
-    from app.tools.simulation import WORKER_NICENESS
-
     before = os.environ.get(WORKER_NICENESS)
     os.environ[WORKER_NICENESS] = str(value)
     try:

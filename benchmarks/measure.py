@@ -56,7 +56,6 @@ class Process:
     ppid: int  # its parent
     pgid: int  # its process group
     state: str  # R running, S sleeping, ..., Z a zombie (ended, its parent has not reaped it)
-    nice: int  # its niceness: 0 the default, up to 19 (lowest priority)
 
 
 def processes() -> list[Process]:
@@ -69,11 +68,9 @@ def processes() -> list[Process]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # after the command name in parentheses (which may hold spaces): state, ppid, pgid, ...;
-        # the niceness is the 19th field of the line, the 17th after the name
-        fields = stat.rsplit(")", 1)[1].split()
-        state, ppid, pgid, nice = fields[0], fields[1], fields[2], fields[16]
-        found.append(Process(int(entry.name), int(ppid), int(pgid), state, int(nice)))
+        # after the command name in parentheses (which may hold spaces): state, ppid, pgid
+        state, ppid, pgid = stat.rsplit(")", 1)[1].split()[:3]
+        found.append(Process(int(entry.name), int(ppid), int(pgid), state))
     return found
 
 
@@ -146,27 +143,23 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def descendants(root: int) -> list[Process]:
-    """``root``'s processes below it now: its children, theirs, and so on."""
-    kids: dict[int, list[Process]] = {}
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
     for p in processes():
-        kids.setdefault(p.ppid, []).append(p)
-    found, todo = [], list(kids.get(root, []))
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += kids.get(p.pid, [])
-    return found
+        kids.setdefault(p.ppid, []).append(p.pid)
+    return kids
 
 
 def tree_memory_mb(root: int) -> tuple[float, float]:
     """(RSS, PSS) of ``root`` and all its descendants (Ray's raylet, GCS and workers
     included): the RSS sum counts shared pages (torch's libraries, Ray's object store) once
     per process, the PSS sum once."""
-    rss = pss = 0.0
-    for pid in [root, *(p.pid for p in descendants(root))]:
+    kids, rss, pss, todo = _children(), 0.0, 0.0, [root]
+    while todo:
+        pid = todo.pop()
         r, p = memory_mb(pid)
         rss, pss = rss + r, pss + p
+        todo += kids.get(pid, [])
     return rss, pss
 
 

@@ -5,15 +5,12 @@ Each run starts Ray (seconds), so this file holds the few Ray-backed runs of the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import FEDWS, REPO
-from measure import command_line, descendants
 
 from app.rundir import read_csv
 from server.sampling import TRAIN, sample_partitions
@@ -36,33 +33,23 @@ CONFIG = {
 }
 
 
-def fedws_run(config: Path, out: Path) -> tuple[subprocess.CompletedProcess, set[int]]:
-    """The run's output, and the niceness of every Ray client process seen while it ran."""
-    command = [*FEDWS, "run", str(config), "-o", str(out), "--no-progress"]
-    logs = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
-    with logs[0].open("w") as stdout, logs[1].open("w") as stderr:
-        # Ray's own setting left to fedws, whatever the shell that runs the tests exports
-        env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=REPO, env=env)
-    niceness: set[int] = set()
-    deadline = time.monotonic() + 600
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(command, 600)
-            clients = [p for p in descendants(proc.pid) if command_line(p.pid).startswith(ACTOR)]
-            niceness |= {p.nice for p in clients}
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:  # a timeout or an interrupted test: the run does not outlive it
-            proc.kill()
-            proc.wait()
-    done = subprocess.CompletedProcess(command, proc.returncode, *(f.read_text() for f in logs))
-    assert proc.returncode == 0, done.stderr[-3000:]
-    return done, niceness
-
-
-ACTOR = b"ray::ClientAppActor"  # Ray names a client's process after Flower's actor class
+def fedws_run(config: Path, out: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [
+            *FEDWS,
+            "run",
+            str(config),
+            "-o",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +57,12 @@ def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
     config = tmp / "synthetic.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    runs = [fedws_run(config, tmp / name) for name in ("a", "b")]
-    return tmp, [proc for proc, _ in runs], [niceness for _, niceness in runs]
+    procs = [fedws_run(config, tmp / name) for name in ("a", "b")]
+    return tmp, procs
 
 
 def test_simulation_writes_the_run_directory_and_learns(two_runs):
-    tmp, procs, _ = two_runs
+    tmp, procs = two_runs
     out = tmp / "a"
     assert "[SYNTHETIC DATA]" in procs[0].stdout
     assert "global test accuracy: final" in procs[0].stdout
@@ -106,7 +93,7 @@ def test_simulation_writes_the_run_directory_and_learns(two_runs):
 
 
 def test_same_config_and_seed_give_identical_accuracy_columns(two_runs):
-    tmp, _, _ = two_runs
+    tmp, _ = two_runs
     a, b = read_csv(tmp / "a" / "metrics.csv"), read_csv(tmp / "b" / "metrics.csv")
     assert a
     for key in ("test_accuracy", "test_loss", "train_loss", "val_accuracy"):
@@ -115,10 +102,3 @@ def test_same_config_and_seed_give_identical_accuracy_columns(two_runs):
     trained = [[(r["round"], r["client"]) for r in c if r["num_examples"]] for c in (ca, cb)]
     assert trained[0] == trained[1] and len(trained[0]) == 3 * 2  # the same clients per round
     assert [r["val_accuracy"] for r in ca] == [r["val_accuracy"] for r in cb]
-
-
-def test_clients_run_at_the_servers_priority(two_runs):
-    """Ray would start its client processes 15 niceness steps below the server."""
-    _, _, niceness = two_runs
-    server = os.getpriority(os.PRIO_PROCESS, 0)  # fedws run's, inherited from this process
-    assert niceness == [{server}, {server}]  # every client process seen, in either run

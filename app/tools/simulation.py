@@ -6,24 +6,15 @@ here means a move to ``flwr run`` (or a newer API) touches this module only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation as flwr_run_simulation
 
 from clients.client_app import app as client_app
-
-# Ray starts its worker processes, fedws's clients, 15 niceness steps below the process that
-# starts Ray (this one, the server) and Ray's own services, so each of their wake-ups takes a
-# core from a client's compute threads. The clients are the run's work: they run at the server's
-# priority unless RAY_worker_niceness (Ray's own setting, the steps; read when fedws starts a
-# local Ray instance, not when it joins a running cluster) says otherwise.
-WORKER_NICENESS = "RAY_worker_niceness"
 
 
 def backend_config(
@@ -63,7 +54,7 @@ def run_simulation(
     known = _DropKnownNotices()
     flwr_logger.addFilter(known)
     try:
-        with warnings.catch_warnings(), _clients_not_niced():
+        with warnings.catch_warnings():
             # Ray's notice about a future default; fedws relies on today's (num_gpus=0 hides GPUs)
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
             flwr_run_simulation(
@@ -75,19 +66,6 @@ def run_simulation(
             )
     finally:
         flwr_logger.removeFilter(known)
-
-
-@contextlib.contextmanager
-def _clients_not_niced() -> Iterator[None]:
-    """Within: ``RAY_worker_niceness`` is 0 unless the environment sets it; restored after."""
-    if WORKER_NICENESS in os.environ:
-        yield
-        return
-    os.environ[WORKER_NICENESS] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(WORKER_NICENESS, None)
 
 
 def starting_line(
