@@ -7,7 +7,10 @@ the CIFAR-10 ResNet-20 study config (4 clients per GPU, bf16, the server test ev
 Each setting is a ``fedws run`` of its own (Flower's simulation on Ray); ``nvidia-smi`` is read
 every 0.5 s meanwhile. Reported per setting: s/round (mean ``round_s`` of rounds 2..R: round 1
 pays the first CUDA and cuDNN touches), the peak GPU memory in use (every process's, CUDA
-contexts included) and the mean GPU utilisation after round 1.
+contexts included) and the mean GPU utilisation after round 1. A run is killed at ``--timeout``
+seconds unless it has completed (its ``summary.json`` says so); a completed run's process gets
+``EXIT_GRACE_S`` more to exit, and the seconds it took (``exit_s``) are reported: a slow exit
+and a hung one look apart.
 
 ``--fit-only`` needs neither Flower nor Ray: K worker processes share the GPU and run exactly
 the clients' local Lightning fits of each round (same shards, seeds and Trainer), the server
@@ -203,36 +206,64 @@ def s_per_round(metrics: Path) -> tuple[float, float]:
     return statistics.mean(later), float(rows[0]["round_s"])
 
 
+EXIT_GRACE_S = 120  # how long a run that completed may take to exit before it counts as hung
+
+
+def wait_for_exit(
+    proc: subprocess.Popen, timeout: float, completed_at, grace: float = EXIT_GRACE_S
+) -> tuple[int | None, float | None]:
+    """Wait for ``proc`` (started in a session of its own); ``completed_at()`` is the wall-clock
+    time its run completed, or None before. A run that has not completed is killed with its
+    processes at ``timeout`` seconds; one that has gets ``grace`` seconds more to exit.
+    Returns (its exit code, None if killed; seconds from the run's completion to the exit or
+    the kill, None if it never completed)."""
+    deadline = time.time() + timeout
+    while True:
+        code, done = proc.poll(), completed_at()
+        limit = deadline if done is None else max(deadline, done + grace)
+        if code is None and time.time() > limit:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        elif code is None:
+            time.sleep(0.2)
+            continue
+        return code, None if done is None else time.time() - done
+
+
 def run_full(setting: Setting, root: Path, timeout: float) -> dict[str, float | None]:
+    from app import rundir
+
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(setting.config))
     out = root / "run"
     metrics = out / "metrics.csv"
     command = [sys.executable, "-m", "app.tools.cli", "run", str(config), "-o", str(out)]
+
+    def completed_at() -> float | None:
+        run = rundir.RunDir(out)
+        if (rundir.read_summary(run) or {}).get("status") != rundir.COMPLETED:
+            return None
+        return run.summary.stat().st_mtime
+
     start = time.perf_counter()
     log = root / "log.txt"
     with GpuSampler(lambda: rounds_done(metrics)) as gpu:
-        # a session of its own: a timeout stops Ray's processes too
+        # a session of its own: a kill stops Ray's processes too
         proc = start_logged([*command, "--no-progress"], log, REPO)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = f"killed after {timeout:.0f} s"
+        code, exit_s = wait_for_exit(proc, timeout, completed_at)
     wall = time.perf_counter() - start
-    from app import rundir
-
     summary = rundir.read_summary(rundir.RunDir(out)) or {}
     # a run that completed but whose process did not exit in time still measured its rounds
-    exit_hang = code != 0 and summary.get("status") == rundir.COMPLETED
+    exit_hang = code is None and exit_s is not None
     if code != 0 and not exit_hang:
-        raise RuntimeError(f"{setting.name}: fedws run failed ({code}):\n{log.read_text()[-3000:]}")
+        why = f"killed after {timeout:.0f} s" if code is None else f"exit code {code}"
+        raise RuntimeError(f"{setting.name}: fedws run failed ({why}):\n{log.read_text()[-3000:]}")
     later, first = s_per_round(metrics)
     return {
         "s_per_round": later,
         "first_round_s": first,
         "wall_s": None if exit_hang else wall,
+        "exit_s": exit_s,  # from summary.json's completed status to the process's exit (or kill)
         "exit_hang": exit_hang,
         "final_accuracy": (summary.get("final") or {}).get("test_accuracy"),
         **gpu.summary(),
@@ -417,14 +448,20 @@ def main() -> None:
         print(
             f"{setting.name:<34} {r['s_per_round']:>8.2f} {r['first_round_s']:>9.2f} "
             f"{mem if mem is not None else float('nan'):>8.0f} "
-            f"{util if util is not None else float('nan'):>6.0f}"
-            + ("  (completed; the process did not exit in time)" if r.get("exit_hang") else ""),
+            f"{util if util is not None else float('nan'):>6.0f}" + exit_note(r),
             flush=True,
         )
     if args.check_deterministic:
         result["determinism"] = check_deterministic(runs[0].config)
         print(f"determinism on the GPU: {result['determinism']}")
     write_json(args.json, result)
+
+
+def exit_note(r: dict) -> str:
+    """How long a completed run's process took to exit, for the table's line."""
+    if r.get("exit_hang"):
+        return f"  (completed; the process had not exited {r['exit_s']:.0f} s later: killed)"
+    return f"  (exited {r['exit_s']:.1f} s after completing)" if r.get("exit_s") is not None else ""
 
 
 if __name__ == "__main__":

@@ -212,3 +212,31 @@ def test_the_step_benchmarks_automatic_twin_takes_the_same_steps():
     assert all(torch.equal(v, twin_after[k]) for k, v in after.items())
     start = new_module(cfg, dataset(cfg.data)).model.state_dict()
     assert not torch.equal(start["classifier.weight"], after["classifier.weight"])
+
+
+@pytest.mark.parametrize(
+    ("after", "timeout", "grace", "code", "exit_range"),
+    [
+        ("time.sleep(1)", 60, 60, 0, (0.8, 5)),  # completes, exits a second later
+        ("time.sleep(60)", 0.5, 1.5, None, (1.4, 5)),  # completes, never exits: killed
+        (None, 1, 60, None, None),  # never completes: killed at the timeout
+    ],
+)
+def test_the_gpu_benchmark_times_a_completed_runs_exit_and_kills_a_hung_one(
+    tmp_path, after, timeout, grace, code, exit_range
+):
+    """A run that completed is given ``grace`` seconds to exit, even past the timeout; the
+    seconds from its completion (the marker's mtime) to its exit or kill are reported."""
+    marker = tmp_path / "completed"
+    body = "import pathlib, time; time.sleep(0.3); "
+    body += f"pathlib.Path({str(marker)!r}).touch(); {after}" if after else "time.sleep(60)"
+    proc = measure.start_logged([sys.executable, "-c", body], tmp_path / "log", tmp_path)
+    start = time.monotonic()
+    got, exit_s = gpu.wait_for_exit(
+        proc, timeout, lambda: marker.stat().st_mtime if marker.exists() else None, grace
+    )
+    assert got == code and proc.returncode is not None  # ended either way
+    if exit_range is None:
+        assert exit_s is None and timeout <= time.monotonic() - start < timeout + 5
+    else:
+        assert exit_range[0] < exit_s < exit_range[1]
