@@ -19,9 +19,10 @@ batch 32, diagnostics on, the global model tested on the 10,000 test images ever
 
     python benchmarks/federation.py [--json PATH] [--rounds 5] [--repeats 2] [--ray-niceness N]
 
-``--ray-niceness N`` runs (a) and (a2) a second time in every repeat, either side first in turn,
-with Ray's client processes N niceness steps below this process instead of Ray's default 15
-(which fedws keeps), and says whether both priorities gave the same final accuracy.
+``--ray-niceness N`` runs (a) and (a2) a second time in every repeat, either side first in turn
+(balanced for an even ``--repeats``), with Ray's client processes N niceness steps below this
+process instead of Ray's default 15 (which fedws keeps; the other side unsets an exported
+RAY_worker_niceness), and says whether all those runs gave the same final accuracy.
 
 Seconds per round: the median over every round but the first of each run (round 1 pays the
 start-up: Ray and its actors for (a), first touches for the others), over the repeats, with the
@@ -524,7 +525,8 @@ def main() -> None:
     for repeat in range(args.repeats):  # interleaved: a, a2, b, b1, c, a, a2, b, b1, c, ...
         for key, config in (("a", cfg), ("a2", one_process)):
             sides = [(key, contextlib.nullcontext())]
-            if args.ray_niceness is not None:  # either side first in turn
+            if args.ray_niceness is not None:  # either side first in turn; Ray's default: unset
+                sides = [(key, ray_niceness(None))]
                 sides.insert(repeat % 2, (f"{key} nice", ray_niceness(args.ray_niceness)))
             for side, setting in sides:
                 with tempfile.TemporaryDirectory() as tmp, setting:
@@ -629,10 +631,13 @@ def main() -> None:
             for key in ("a", "a2")
         }
         for key, seen in accuracies.items():
-            verdict = "the same" if len(seen) == 1 else "NOT the same"
-            print(f"({key}) final accuracy at both priorities: {verdict} ({seen})")
+            verdict = "the same" if len(seen) == 1 else "NOT the same (priority or run to run)"
+            print(f"({key}) final accuracy over its runs at both priorities: {verdict} ({seen})")
         best_nice = min(s["median"] for s in nice.values()) / min(b["median"], b1["median"])
-        print(f"fedws's fastest layout / the fastest floor at niceness +N: {best_nice:.3f}")
+        print(
+            f"fedws's fastest layout / the fastest floor at niceness +{args.ray_niceness}: "
+            f"{best_nice:.3f}"
+        )
         result["ray_niceness"] = {
             "niceness": args.ray_niceness,
             "fedws_s_per_round": nice["a"]["median"],
@@ -648,16 +653,20 @@ WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting, read when a local inst
 
 
 @contextlib.contextmanager
-def ray_niceness(value: int):
+def ray_niceness(value: int | None):
     """Within: a Ray instance started here runs its worker processes (the clients) ``value``
-    niceness steps below the process that starts it."""
+    niceness steps below the process that starts it (None: Ray's default, whatever the
+    environment exported)."""
     before = os.environ.get(WORKER_NICENESS)
-    os.environ[WORKER_NICENESS] = str(value)
+    if value is None:
+        os.environ.pop(WORKER_NICENESS, None)
+    else:
+        os.environ[WORKER_NICENESS] = str(value)
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(WORKER_NICENESS)
+            os.environ.pop(WORKER_NICENESS, None)
         else:
             os.environ[WORKER_NICENESS] = before
 

@@ -7,10 +7,11 @@ the CIFAR-10 ResNet-20 study config (4 clients per GPU, bf16, the server test ev
 Each setting is a ``fedws run`` of its own (Flower's simulation on Ray); ``nvidia-smi`` is read
 every 0.5 s meanwhile. Reported per setting: s/round (mean ``round_s`` of rounds 2..R: round 1
 pays the first CUDA and cuDNN touches), the peak GPU memory in use (every process's, CUDA
-contexts included) and the mean GPU utilisation after round 1. A run is killed at ``--timeout``
-seconds unless it has completed (its ``summary.json`` says so); a completed run's process gets
-``EXIT_GRACE_S`` more to exit, and the seconds it took (``exit_s``) are reported: a slow exit
-and a hung one look apart.
+contexts included) and the mean GPU utilisation during rounds 2..R. A run is killed at
+``--timeout`` seconds unless it has completed (its ``summary.json`` says so); a completed run's
+process may run until ``--timeout`` or ``EXIT_GRACE_S`` after completing, whichever is later,
+and the seconds from its completion to its exit or kill (``exit_s``) are reported with its exit
+code: a slow exit and a hung one look apart, and a completed run keeps its numbers either way.
 
 ``--fit-only`` needs neither Flower nor Ray: K worker processes share the GPU and run exactly
 the clients' local Lightning fits of each round (same shards, seeds and Trainer), the server
@@ -174,9 +175,10 @@ class GpuSampler:
         if self.available:
             self._thread.join()
 
-    def summary(self) -> dict[str, float | None]:
-        """Peak memory over the whole run; mean utilisation once round 1 is done."""
-        later = [u for phase, _, u in self.samples if phase >= 1]
+    def summary(self, rounds: int) -> dict[str, float | None]:
+        """Peak memory over the whole run; mean utilisation during rounds 2..``rounds`` (once
+        round 1 is done, until the last round is: not the exit after it)."""
+        later = [u for phase, _, u in self.samples if 1 <= phase < rounds]
         return {
             "gpu_mem_peak_mib": max((m for _, m, _ in self.samples), default=None),
             "gpu_util_mean_pct": statistics.mean(later) if later else None,
@@ -253,21 +255,32 @@ def run_full(setting: Setting, root: Path, timeout: float) -> dict[str, float | 
         code, exit_s = wait_for_exit(proc, timeout, completed_at)
     wall = time.perf_counter() - start
     summary = rundir.read_summary(rundir.RunDir(out)) or {}
-    # a run that completed but whose process did not exit in time still measured its rounds
-    exit_hang = code is None and exit_s is not None
-    if code != 0 and not exit_hang:
+    # a run that completed measured its rounds, however its process ended (exit_note says how)
+    if exit_s is None and code != 0:
         why = f"killed after {timeout:.0f} s" if code is None else f"exit code {code}"
         raise RuntimeError(f"{setting.name}: fedws run failed ({why}):\n{log.read_text()[-3000:]}")
     later, first = s_per_round(metrics)
+    rounds = setting.config["federation"]["rounds"]
     return {
         "s_per_round": later,
         "first_round_s": first,
-        "wall_s": None if exit_hang else wall,
+        "wall_s": None if code is None else wall,
         "exit_s": exit_s,  # from summary.json's completed status to the process's exit (or kill)
-        "exit_hang": exit_hang,
+        "exit_code": code,  # None: killed
+        "exit_hang": exit_s is not None and code is None,
         "final_accuracy": (summary.get("final") or {}).get("test_accuracy"),
-        **gpu.summary(),
+        **gpu.summary(rounds),
     }
+
+
+def exit_note(r: dict) -> str:
+    """How a completed run's process ended, for the table's line."""
+    if r.get("exit_s") is None:
+        return ""
+    if r.get("exit_code") is None:
+        return f"  (completed; the process had not exited {r['exit_s']:.0f} s later: killed)"
+    code = "" if r["exit_code"] == 0 else f" with code {r['exit_code']}"
+    return f"  (exited{code} {r['exit_s']:.1f} s after completing)"
 
 
 # --- fit only: the clients' Lightning fits in K processes, no Flower or Ray -------------------
@@ -355,7 +368,7 @@ def run_fit_only(setting: Setting, device: str = "cuda") -> dict[str, float | No
         "fit_s_sum_per_round": statistics.mean(fits[1:]),
         "final_accuracy": acc,
         "final_loss": loss,
-        **gpu.summary(),
+        **gpu.summary(cfg.federation.rounds),
     }
 
 
@@ -411,7 +424,13 @@ def main() -> None:
     parser.add_argument("--cifar10", help="CIFAR-10 folder (else FEDWS_DATA, else synthetic)")
     parser.add_argument("--fit-only", action="store_true", help="no Flower or Ray: see above")
     parser.add_argument("--check-deterministic", action="store_true")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per fedws run")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds a fedws run may take to complete (a completed run's process gets "
+        f"{EXIT_GRACE_S} s more to exit)",
+    )
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 is not counted)")
@@ -455,13 +474,6 @@ def main() -> None:
         result["determinism"] = check_deterministic(runs[0].config)
         print(f"determinism on the GPU: {result['determinism']}")
     write_json(args.json, result)
-
-
-def exit_note(r: dict) -> str:
-    """How long a completed run's process took to exit, for the table's line."""
-    if r.get("exit_hang"):
-        return f"  (completed; the process had not exited {r['exit_s']:.0f} s later: killed)"
-    return f"  (exited {r['exit_s']:.1f} s after completing)" if r.get("exit_s") is not None else ""
 
 
 if __name__ == "__main__":

@@ -188,6 +188,9 @@ def test_the_federation_benchmarks_niceness_side_sets_rays_setting_and_restores_
         assert os.environ[federation.WORKER_NICENESS] == "15"
         raise KeyboardInterrupt  # an interrupted run restores it too
     assert os.environ.get(federation.WORKER_NICENESS) == before
+    with federation.ray_niceness(None):  # Ray's own default, whatever was exported
+        assert federation.WORKER_NICENESS not in os.environ
+    assert os.environ.get(federation.WORKER_NICENESS) == before
 
 
 def test_the_step_benchmarks_automatic_twin_takes_the_same_steps():
@@ -217,26 +220,65 @@ def test_the_step_benchmarks_automatic_twin_takes_the_same_steps():
 @pytest.mark.parametrize(
     ("after", "timeout", "grace", "code", "exit_range"),
     [
-        ("time.sleep(1)", 60, 60, 0, (0.8, 5)),  # completes, exits a second later
-        ("time.sleep(60)", 0.5, 1.5, None, (1.4, 5)),  # completes, never exits: killed
+        ("time.sleep(1)", 60, 60, 0, (0.8, 2.3)),  # completes, exits a second later
+        ("sys.exit(3)", 60, 60, 3, (0.0, 1.3)),  # completes, its exit fails
+        ("time.sleep(60)", 3, 5, None, (4.8, 9)),  # completes, never exits: killed after grace
         (None, 1, 60, None, None),  # never completes: killed at the timeout
     ],
 )
 def test_the_gpu_benchmark_times_a_completed_runs_exit_and_kills_a_hung_one(
     tmp_path, after, timeout, grace, code, exit_range
 ):
-    """A run that completed is given ``grace`` seconds to exit, even past the timeout; the
-    seconds from its completion (the marker's mtime) to its exit or kill are reported."""
-    marker = tmp_path / "completed"
-    body = "import pathlib, time; time.sleep(0.3); "
+    """A run that completed may run until the timeout or ``grace`` seconds after completing,
+    whichever is later; the seconds from its completion (the marker's mtime, 1.5 s after the
+    start: not the start) to its exit or kill are reported; a kill stops its whole group."""
+    marker, child = tmp_path / "completed", f"fedws-grandchild-{time.monotonic_ns()}"
+    body = "import pathlib, subprocess, sys, time; "
+    body += f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {child!r}]); "
+    body += "time.sleep(1.5); "
     body += f"pathlib.Path({str(marker)!r}).touch(); {after}" if after else "time.sleep(60)"
     proc = measure.start_logged([sys.executable, "-c", body], tmp_path / "log", tmp_path)
     start = time.monotonic()
-    got, exit_s = gpu.wait_for_exit(
-        proc, timeout, lambda: marker.stat().st_mtime if marker.exists() else None, grace
-    )
-    assert got == code and proc.returncode is not None  # ended either way
-    if exit_range is None:
-        assert exit_s is None and timeout <= time.monotonic() - start < timeout + 5
-    else:
-        assert exit_range[0] < exit_s < exit_range[1]
+    try:
+        got, exit_s = gpu.wait_for_exit(
+            proc, timeout, lambda: marker.stat().st_mtime if marker.exists() else None, grace
+        )
+        assert got == code and proc.returncode is not None  # ended either way
+        if exit_range is None:
+            assert exit_s is None and timeout <= time.monotonic() - start < timeout + 5
+        else:
+            assert exit_range[0] < exit_s < exit_range[1]
+        if code is None:  # killed: the process it started went with it
+            deadline = time.monotonic() + 5
+            while measure.pids_with(child) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert measure.pids_with(child) == []
+    finally:
+        measure.stop_process_group(proc.pid, grace_s=1)
+
+
+@pytest.mark.parametrize(
+    ("result", "note"),
+    [
+        ({"exit_s": 3.04, "exit_code": 0}, "  (exited 3.0 s after completing)"),
+        ({"exit_s": 0.5, "exit_code": 1}, "  (exited with code 1 0.5 s after completing)"),
+        (
+            {"exit_s": 121.2, "exit_code": None},
+            "  (completed; the process had not exited 121 s later: killed)",
+        ),
+        ({"s_per_round": 1.0}, ""),  # --fit-only: no process of its own to exit
+    ],
+)
+def test_the_gpu_benchmarks_table_says_how_a_completed_run_ended(result, note):
+    assert gpu.exit_note(result) == note
+
+
+def test_gpu_utilisation_is_the_mean_over_rounds_2_to_r_not_the_start_or_the_exit():
+    sampler = gpu.GpuSampler(lambda: 0)
+    # (rounds done when sampled, MiB, %): round 1 and the exit after round 3 are left out
+    sampler.samples = [(0, 100.0, 90.0), (1, 300.0, 40.0), (2, 200.0, 60.0), (3, 50.0, 0.0)]
+    assert sampler.summary(rounds=3) == {
+        "gpu_mem_peak_mib": 300.0,
+        "gpu_util_mean_pct": 50.0,
+        "gpu_samples": 4,
+    }
