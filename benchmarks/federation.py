@@ -658,17 +658,19 @@ def ray_niceness(value: int | None):
     niceness steps below the process that starts it (None: Ray's default, whatever the
     environment exported)."""
     before = os.environ.get(WORKER_NICENESS)
-    if value is None:
-        os.environ.pop(WORKER_NICENESS, None)
-    else:
-        os.environ[WORKER_NICENESS] = str(value)
+    _set_niceness(None if value is None else str(value))
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(WORKER_NICENESS, None)
-        else:
-            os.environ[WORKER_NICENESS] = before
+        _set_niceness(before)
+
+
+def _set_niceness(value: str | None) -> None:
+    """``RAY_worker_niceness`` set to ``value``, or unset for None."""
+    if value is None:
+        os.environ.pop(WORKER_NICENESS, None)
+    else:
+        os.environ[WORKER_NICENESS] = value
 
 
 if __name__ == "__main__":

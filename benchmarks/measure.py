@@ -136,9 +136,8 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     """Return once something listens on 127.0.0.1:``port``; ``TimeoutError`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if not _free(port):
+            return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
